@@ -1,0 +1,13 @@
+"""app/ command registrations (migrate, serve, worker, catalog, apikey, data, bench ...)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def register(sub: Any, groups: dict[str, Any]) -> None:
+    """Add every app/ command to the `rxverify` parser."""
+    # Each module exposes register(sub, groups); keep imports light (no torch at parse time).
+    from app.commands import admin
+
+    admin.register(sub, groups)

@@ -1,0 +1,213 @@
+"""Cost matrices: c(y, z) is the cost of predicting z when the truth is y (rows true, columns predicted)."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_OFF_DIAGONAL_COST = 1.0
+# Header names accepted when reading a long-form CSV; the first of each pair is what we write.
+_TRUE_COLUMNS = ("true", "true_ndc")
+_PREDICTED_COLUMNS = ("predicted", "predicted_ndc")
+
+
+class CostMatrixError(ValueError):
+    """A cost matrix or one of its cells is invalid; `true`/`predicted` name the bad cell when there is one."""
+
+    def __init__(self, message: str, *, true: str | None = None, predicted: str | None = None,
+                 row: int | None = None) -> None:
+        super().__init__(message)
+        self.true = true
+        self.predicted = predicted
+        self.row = row
+
+
+def check_cost(true: str, predicted: str, cost: float, *, max_cost: float = math.inf,
+               row: int | None = None) -> float:
+    """Validate one cell and return it as a float: finite, >= 0, <= max_cost, and 0 on the diagonal."""
+    try:
+        value = float(cost)
+    except (TypeError, ValueError):
+        raise CostMatrixError(f"cost {cost!r} is not a number", true=true, predicted=predicted, row=row) from None
+    if not math.isfinite(value):
+        raise CostMatrixError(f"cost {cost!r} is not finite", true=true, predicted=predicted, row=row)
+    if value < 0:
+        raise CostMatrixError(f"cost {value} is negative", true=true, predicted=predicted, row=row)
+    if value > max_cost:
+        raise CostMatrixError(f"cost {value} exceeds the maximum {max_cost}", true=true, predicted=predicted,
+                              row=row)
+    if true == predicted and value != 0:
+        raise CostMatrixError("the diagonal must be 0", true=true, predicted=predicted, row=row)
+    return value
+
+
+@dataclass(frozen=True, eq=False)
+class CostMatrix:
+    """An immutable K x K cost matrix over named classes (class order = model output order)."""
+
+    classes: tuple[str, ...]
+    matrix: np.ndarray = field(repr=False)
+
+    def __post_init__(self) -> None:
+        matrix = np.array(self.matrix, dtype=np.float64, copy=True)
+        k = len(self.classes)
+        if len(set(self.classes)) != k:
+            raise CostMatrixError("class names must be unique")
+        if matrix.shape != (k, k):
+            raise CostMatrixError(f"matrix shape {matrix.shape} does not match {k} classes")
+        matrix.setflags(write=False)
+        object.__setattr__(self, "classes", tuple(self.classes))
+        object.__setattr__(self, "matrix", matrix)
+        self.validate()
+
+    # --- construction -------------------------------------------------------------------------
+    @classmethod
+    def uniform(cls, classes: Sequence[str]) -> CostMatrix:
+        """The 0-1 cost matrix: every error costs 1."""
+        k = len(classes)
+        return cls(tuple(classes), np.ones((k, k)) - np.eye(k))
+
+    @classmethod
+    def from_pairs(cls, classes: Sequence[str], pairs: Mapping[tuple[str, str], float], *,
+                   default: float = DEFAULT_OFF_DIAGONAL_COST, max_cost: float = math.inf) -> CostMatrix:
+        """Build from {(true, predicted): cost}; unlisted pairs cost `default` off the diagonal, 0 on it."""
+        index = {name: i for i, name in enumerate(classes)}
+        k = len(classes)
+        matrix = np.full((k, k), float(default))
+        np.fill_diagonal(matrix, 0.0)
+        for (true, predicted), cost in pairs.items():
+            for name in (true, predicted):
+                if name not in index:
+                    raise CostMatrixError(f"unknown class {name!r}", true=true, predicted=predicted)
+            matrix[index[true], index[predicted]] = check_cost(true, predicted, cost, max_cost=max_cost)
+        return cls(tuple(classes), matrix)
+
+    @classmethod
+    def pareto(cls, classes: Sequence[str], *, seed: int, shape: float = 1.5, scale: float = 1.0) -> CostMatrix:
+        """The paper's random costs: off-diagonal c(y, z) ~ Pareto(scale=1, shape=1.5), seeded."""
+        k = len(classes)
+        rng = np.random.default_rng(seed)
+        # numpy's pareto is the Lomax form; adding 1 and scaling gives the classical Pareto(scale, shape).
+        matrix = scale * (1.0 + rng.pareto(shape, size=(k, k)))
+        np.fill_diagonal(matrix, 0.0)
+        return cls(tuple(classes), matrix)
+
+    @classmethod
+    def single_pair(cls, classes: Sequence[str], true: str, predicted: str) -> CostMatrix:
+        """The paper's critical-pair study: one pair costs 1 and every other pair 0."""
+        k = len(classes)
+        matrix = np.zeros((k, k))
+        matrix[list(classes).index(true), list(classes).index(predicted)] = 1.0
+        return cls(tuple(classes), matrix)
+
+    @classmethod
+    def read_csv(cls, source: str | Path | io.TextIOBase | Iterable[str], classes: Sequence[str], *,
+                 default: float = DEFAULT_OFF_DIAGONAL_COST, max_cost: float = math.inf) -> CostMatrix:
+        """Read the long form `true,predicted,cost` (or `true_ndc,predicted_ndc,cost`)."""
+        if isinstance(source, str | Path):
+            with open(source, newline="") as handle:
+                return cls.read_csv(handle, classes, default=default, max_cost=max_cost)
+        reader = csv.DictReader(source)
+        fields = [name.strip() for name in (reader.fieldnames or [])]
+        true_col = next((c for c in _TRUE_COLUMNS if c in fields), None)
+        pred_col = next((c for c in _PREDICTED_COLUMNS if c in fields), None)
+        if true_col is None or pred_col is None or "cost" not in fields:
+            raise CostMatrixError(f"CSV header must be 'true,predicted,cost' (got {','.join(fields)!r})", row=1)
+        index = {name: i for i, name in enumerate(classes)}
+        k = len(classes)
+        matrix = np.full((k, k), float(default))
+        np.fill_diagonal(matrix, 0.0)
+        seen: set[tuple[str, str]] = set()
+        for row_number, raw in enumerate(reader, start=2):
+            row = {(key or "").strip(): (value or "").strip() for key, value in raw.items()}
+            true, predicted = row.get(true_col, ""), row.get(pred_col, "")
+            for name in (true, predicted):
+                if name not in index:
+                    raise CostMatrixError(f"unknown class {name!r}", true=true, predicted=predicted,
+                                          row=row_number)
+            if (true, predicted) in seen:
+                raise CostMatrixError("pair listed twice", true=true, predicted=predicted, row=row_number)
+            seen.add((true, predicted))
+            matrix[index[true], index[predicted]] = check_cost(true, predicted, row.get("cost", ""),
+                                                               max_cost=max_cost, row=row_number)
+        return cls(tuple(classes), matrix)
+
+    # --- export -------------------------------------------------------------------------------
+    def to_csv(self, *, header: tuple[str, str, str] = ("true", "predicted", "cost"),
+               only_non_default: bool = True, default: float = DEFAULT_OFF_DIAGONAL_COST) -> str:
+        """Write the long form; by default only the pairs whose cost differs from the default."""
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(header)
+        for true, predicted, cost in self.entries():
+            if only_non_default and cost == default:
+                continue
+            writer.writerow([true, predicted, _format_cost(cost)])
+        return out.getvalue()
+
+    def entries(self) -> list[tuple[str, str, float]]:
+        """Every off-diagonal (true, predicted, cost) triple, row-major."""
+        return [(t, p, float(self.matrix[i, j]))
+                for i, t in enumerate(self.classes) for j, p in enumerate(self.classes) if i != j]
+
+    # --- properties ---------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise CostMatrixError unless every cell is finite, non-negative, and the diagonal is 0."""
+        bad = ~np.isfinite(self.matrix) | (self.matrix < 0)
+        if bad.any():
+            i, j = (int(v) for v in np.argwhere(bad)[0])
+            raise CostMatrixError(f"cost {self.matrix[i, j]} must be finite and non-negative",
+                                  true=self.classes[i], predicted=self.classes[j])
+        diagonal = np.diag(self.matrix)
+        if (diagonal != 0).any():
+            i = int(np.flatnonzero(diagonal)[0])
+            raise CostMatrixError("the diagonal must be 0", true=self.classes[i], predicted=self.classes[i])
+
+    def cost(self, true: str, predicted: str) -> float:
+        """c(true, predicted)."""
+        return float(self.matrix[self.classes.index(true), self.classes.index(predicted)])
+
+    def tempered(self, tau: float) -> np.ndarray:
+        """The pair-sampling distribution c~ = c^tau / sum c^tau over off-diagonal pairs (K x K, sums to 1)."""
+        powered = np.where(self.matrix > 0, np.power(self.matrix, tau, where=self.matrix > 0), 0.0)
+        np.fill_diagonal(powered, 0.0)
+        total = powered.sum()
+        if total <= 0:
+            raise CostMatrixError("every off-diagonal cost is 0: nothing to sample")
+        return powered / total
+
+    def critical_pairs(self, threshold: float) -> list[tuple[str, str, float]]:
+        """Pairs with cost >= threshold, most expensive first."""
+        pairs = [(t, p, c) for t, p, c in self.entries() if c >= threshold]
+        return sorted(pairs, key=lambda item: (-item[2], item[0], item[1]))
+
+    def reindexed(self, classes: Sequence[str], *, default: float = DEFAULT_OFF_DIAGONAL_COST) -> CostMatrix:
+        """The same costs in another class order (e.g. a model's output order); new classes get the default."""
+        pairs = {(t, p): c for t, p, c in self.entries() if t in classes and p in classes}
+        return CostMatrix.from_pairs(classes, pairs, default=default)
+
+    def fingerprint(self) -> str:
+        """A SHA-256 over the class order and the costs, stable across processes."""
+        digest = hashlib.sha256()
+        digest.update("\x1f".join(self.classes).encode())
+        digest.update(np.ascontiguousarray(self.matrix, dtype="<f8").tobytes())
+        return digest.hexdigest()
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, CostMatrix):
+            return NotImplemented
+        return self.classes == other.classes and np.array_equal(self.matrix, other.matrix)
+
+    def __hash__(self) -> int:
+        return hash(self.fingerprint())
+
+
+def _format_cost(cost: float) -> str:
+    return str(int(cost)) if float(cost).is_integer() else repr(float(cost))
