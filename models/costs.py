@@ -29,7 +29,7 @@ class CostMatrixError(ValueError):
         self.row = row
 
 
-def check_cost(true: str, predicted: str, cost: float, *, max_cost: float = math.inf,
+def check_cost(true: str, predicted: str, cost: float | str, *, max_cost: float = math.inf,
                row: int | None = None) -> float:
     """Validate one cell and return it as a float: finite, >= 0, <= max_cost, and 0 on the diagonal."""
     try:
@@ -176,7 +176,9 @@ class CostMatrix:
 
     def tempered(self, tau: float) -> np.ndarray:
         """The pair-sampling distribution c~ = c^tau / sum c^tau over off-diagonal pairs (K x K, sums to 1)."""
-        powered = np.where(self.matrix > 0, np.power(self.matrix, tau, where=self.matrix > 0), 0.0)
+        powered = np.zeros_like(self.matrix)
+        positive = self.matrix > 0
+        powered[positive] = np.power(self.matrix[positive], tau)
         np.fill_diagonal(powered, 0.0)
         total = powered.sum()
         if total <= 0:
