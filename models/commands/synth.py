@@ -1,0 +1,72 @@
+"""`rxverify data synth`: write the synthetic pill-bottle dataset in the PMI folder layout."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any
+
+
+def register(group: Any) -> None:
+    """Add the `synth` subcommand to the `data` command group."""
+    parser: argparse.ArgumentParser = group.add_parser(
+        "synth",
+        help="generate synthetic pill-bottle photos for the 20 PMI products",
+        description="Render top-down photos of open pill bottles (paper Table 8 products) into "
+                    "OUT/{train,valid,test}/<NDC>/*.jpg with a ~6:2:2 split and Table 8 class imbalance.",
+    )
+    parser.add_argument("--out", required=True, help="output folder (new or empty, or an interrupted run to resume)")
+    parser.add_argument("--per-class", type=int, default=200,
+                        help="images of the largest class, all splits together; others scale by Table 8 (default 200)")
+    parser.add_argument("--image-size", type=int, default=256, help="photo height in px; width is 4/3 of it (default 256)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives identical files (default 0)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="rendering processes (default: CPU count)")
+    parser.add_argument("--balanced", action="store_true", help="every class gets --per-class images (no imbalance)")
+    parser.set_defaults(func=handle)
+
+
+def _progress_printer() -> Any:
+    start = time.perf_counter()
+    last = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        now = time.perf_counter()
+        if done != total and now - last[0] < 0.5:
+            return
+        last[0] = now
+        elapsed = now - start
+        eta = elapsed / done * (total - done) if done else 0.0
+        sys.stderr.write(f"\rrendering {done}/{total} images, {elapsed:.0f}s elapsed, ETA {eta:.0f}s ")
+        if done == total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    return progress
+
+
+def handle(args: argparse.Namespace) -> int:
+    """Generate the dataset and print a per-split, per-class summary."""
+    from models.synth import SPLIT_NAMES, generate_synthetic_pills
+
+    try:
+        result = generate_synthetic_pills(
+            args.out, per_class=args.per_class, image_size=args.image_size, seed=args.seed,
+            imbalance=not args.balanced, workers=max(1, args.workers), progress=_progress_printer(),
+        )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    ndcs = list(result.counts[SPLIT_NAMES[0]])
+    print(f"{'NDC':<12}" + "".join(f"{s:>7}" for s in SPLIT_NAMES) + f"{'total':>7}")
+    for ndc in ndcs:
+        row = [result.counts[s][ndc] for s in SPLIT_NAMES]
+        print(f"{ndc:<12}" + "".join(f"{n:>7}" for n in row) + f"{sum(row):>7}")
+    totals = [sum(result.counts[s].values()) for s in SPLIT_NAMES]
+    print(f"{'all':<12}" + "".join(f"{n:>7}" for n in totals) + f"{sum(totals):>7}")
+    rate = result.generated / result.elapsed_s if result.elapsed_s > 0 else 0.0
+    print(f"{result.generated} images rendered ({result.skipped} already present) in {result.elapsed_s:.1f}s "
+          f"({rate:.1f} images/s) -> {result.out}")
+    return 0
