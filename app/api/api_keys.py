@@ -1,0 +1,38 @@
+"""API key administration (admin only)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+
+from app.api.deps import AdminActor, SessionDep
+from app.orm import ApiKey
+from app.schemas.api_keys import ApiKeyCreate, ApiKeyCreated, ApiKeyRead, ApiKeyRevoke
+from app.schemas.common import problem_responses
+from app.services import api_keys as service
+
+router = APIRouter(prefix="/v1/admin/api-keys", tags=["api keys"], responses=problem_responses(401, 403, 422))
+
+
+@router.get("", response_model=list[ApiKeyRead])
+def list_keys(_actor: AdminActor, session: SessionDep, include_revoked: bool = True) -> list[ApiKeyRead]:
+    """Every key, without secrets."""
+    return [ApiKeyRead.model_validate(k) for k in service.list_api_keys(session, include_revoked=include_revoked)]
+
+
+@router.post("", response_model=ApiKeyCreated, status_code=201)
+def create_key(body: ApiKeyCreate, actor: AdminActor, session: SessionDep, response: Response) -> ApiKeyCreated:
+    """Create a key; the `key` in this response is the only time it is shown."""
+    key, token = service.create_api_key(session, role=body.role, name=body.name, actor=actor)
+    response.headers["Location"] = f"/v1/admin/api-keys/{key.id}"
+    return ApiKeyCreated(**_read(key).model_dump(), key=token)
+
+
+@router.post("/{key_id}/revoke", response_model=ApiKeyRead, responses=problem_responses(404, 409))
+def revoke_key(key_id: int, actor: AdminActor, session: SessionDep, body: ApiKeyRevoke | None = None) -> ApiKeyRead:
+    """Revoke a key: from now on it gets 401."""
+    key = service.revoke_api_key(session, key_id=key_id, actor=actor, reason=body.reason if body else None)
+    return _read(key)
+
+
+def _read(key: ApiKey) -> ApiKeyRead:
+    return ApiKeyRead.model_validate(key)

@@ -1,0 +1,131 @@
+"""Cost-matrix versions: list, read (`active` alias), create from a parent, activate, CSV, diff."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Query, Request, Response
+from sqlalchemy.orm import Session
+
+from app.api.deps import PharmacistActor, SessionDep, SettingsDep
+from app.errors import DomainError, FieldError, InvalidInput
+from app.orm import CostMatrixVersion
+from app.schemas.common import problem_responses
+from app.schemas.cost_matrices import (
+    ActivateRequest,
+    CostDifferenceRead,
+    CostEntry,
+    CostMatrixCreate,
+    CostMatrixDiff,
+    CostMatrixRead,
+    CostMatrixSummary,
+)
+from app.services import cost_matrices as service
+
+router = APIRouter(prefix="/v1/admin/cost-matrices", tags=["cost matrices"],
+                   responses=problem_responses(401, 403, 404, 422))
+VersionPath = Annotated[str, "a version number or `active`"]
+CSV_MEDIA_TYPES = ("text/csv", "text/plain", "application/csv", "application/octet-stream")
+
+
+class UnsupportedMediaType(DomainError):
+    """The body's content type is not one this route reads (415)."""
+
+    status = 415
+    default_slug = "unsupported-media-type"
+    default_title = "Unsupported media type"
+
+
+def parse_ref(text: str, *, field: str = "path.version") -> service.VersionRef:
+    """`active` or a positive version number."""
+    if text == "active":
+        return "active"
+    if text.isascii() and text.isdigit():
+        return int(text)
+    raise InvalidInput(f"{text!r} is not a version number or 'active'",
+                       errors=[FieldError(field, "expected a version number or 'active'", "version_ref")])
+
+
+def _summary(version: CostMatrixVersion, active_id: int | None) -> CostMatrixSummary:
+    return CostMatrixSummary(version=version.id, parent_version=version.parent_id, author=version.author,
+                             reason=version.reason, created_at=version.created_at, active=version.id == active_id,
+                             default_cost=version.default_cost, entry_count=len(version.entries),
+                             entries_sha256=version.entries_sha256)
+
+
+def _read(session: Session, version: CostMatrixVersion) -> CostMatrixRead:
+    entries = [CostEntry(true_ndc=e.true_ndc, predicted_ndc=e.predicted_ndc, cost=e.cost) for e in version.entries]
+    summary = _summary(version, service.active_version_id(session))
+    return CostMatrixRead(**summary.model_dump(), entries=entries)
+
+
+@router.get("", response_model=list[CostMatrixSummary])
+def list_versions(_actor: PharmacistActor, session: SessionDep) -> list[CostMatrixSummary]:
+    """Every version, oldest first."""
+    active_id = service.active_version_id(session)
+    return [_summary(v, active_id) for v in service.list_versions(session)]
+
+
+@router.post("", response_model=CostMatrixRead, status_code=201, responses=problem_responses(409))
+def create_version(body: CostMatrixCreate, actor: PharmacistActor, session: SessionDep, settings: SettingsDep,
+                   response: Response) -> CostMatrixRead:
+    """Create a version from `parent_version` (which must be the newest) plus `changes`. It is not activated."""
+    changes = [service.CostChange(c.true_ndc, c.predicted_ndc, c.cost) for c in body.changes]
+    version = service.create_version(session, parent_version=body.parent_version, reason=body.reason,
+                                     changes=changes, actor=actor, max_cost=settings.max_cost)
+    response.headers["Location"] = f"{router.prefix}/{version.id}"
+    return _read(session, version)
+
+
+@router.post("/import", response_model=CostMatrixRead, status_code=201, responses=problem_responses(409, 415))
+def import_csv(request: Request, actor: PharmacistActor, session: SessionDep, settings: SettingsDep,
+               response: Response, reason: Annotated[str, Query(min_length=1, max_length=2000)],
+               csv_text: Annotated[bytes, Body(media_type="text/csv", description="true_ndc,predicted_ndc,cost")],
+               parent_version: int | None = None) -> CostMatrixRead:
+    """Create a version holding exactly the CSV's costs (unlisted pairs cost 1); same parent rule as POST."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type not in CSV_MEDIA_TYPES:
+        raise UnsupportedMediaType(f"send the CSV as text/csv, not {content_type or 'no content type'}")
+    try:
+        text = csv_text.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidInput("the CSV is not UTF-8 text", errors=[FieldError("body", str(exc), "encoding")]) from exc
+    version = service.import_csv(session, parent_version=parent_version, reason=reason, text=text, actor=actor,
+                                 max_cost=settings.max_cost)
+    response.headers["Location"] = f"{router.prefix}/{version.id}"
+    return _read(session, version)
+
+
+@router.get("/diff", response_model=CostMatrixDiff)
+def diff(_actor: PharmacistActor, session: SessionDep, from_version: Annotated[str, Query(alias="from")],
+         to_version: Annotated[str, Query(alias="to")]) -> CostMatrixDiff:
+    """Pairs whose cost differs from version `from` to version `to` (either may be `active`)."""
+    old = service.get_version(session, parse_ref(from_version, field="query.from"))
+    new = service.get_version(session, parse_ref(to_version, field="query.to"))
+    changes = [CostDifferenceRead(true_ndc=d.true_ndc, predicted_ndc=d.predicted_ndc, from_cost=d.from_cost,
+                                  to_cost=d.to_cost) for d in service.diff_versions(session, old.id, new.id)]
+    return CostMatrixDiff(from_version=old.id, to_version=new.id, changes=changes)
+
+
+@router.get("/{version}", response_model=CostMatrixRead)
+def get_version(version: VersionPath, _actor: PharmacistActor, session: SessionDep) -> CostMatrixRead:
+    """One version with its entries; `active` is the active one."""
+    return _read(session, service.get_version(session, parse_ref(version)))
+
+
+@router.get("/{version}/csv", response_class=Response,
+            responses={200: {"content": {"text/csv": {}}, "description": "true_ndc,predicted_ndc,cost"}})
+def export_csv(version: VersionPath, _actor: PharmacistActor, session: SessionDep) -> Response:
+    """The version's non-default pairs as CSV (`true_ndc,predicted_ndc,cost`; unlisted pairs cost 1)."""
+    found = service.get_version(session, parse_ref(version))
+    return Response(service.export_csv(session, found.id), media_type="text/csv",
+                    headers={"Content-Disposition": f'attachment; filename="cost-matrix-v{found.id}.csv"'})
+
+
+@router.post("/{version}/activate", response_model=CostMatrixRead)
+def activate(version: VersionPath, actor: PharmacistActor, session: SessionDep,
+             body: ActivateRequest | None = None) -> CostMatrixRead:
+    """Make this version the one verifications and new training jobs use."""
+    found = service.activate_version(session, ref=parse_ref(version), actor=actor,
+                                     reason=body.reason if body else None)
+    return _read(session, found)

@@ -1,0 +1,162 @@
+"""Settings: the one object that reads the environment (prefix `RXVERIFY_`); app/ and worker/ both use it."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+LogFormat = Literal["json", "text"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+
+class Settings(BaseSettings):
+    """Every tunable of rxverify; URLs left unset are derived from `data_dir` (the embedded default)."""
+
+    model_config = SettingsConfigDict(env_prefix="RXVERIFY_", frozen=True, extra="ignore")
+
+    # --- storage: everything stateful lives under data_dir unless a URL says otherwise ----------
+    data_dir: Path = Field(default=Path("./var"), description="Holds the embedded DB, broker, checkpoints, images.")
+    database_url: str = Field(default="", description="SQLAlchemy URL; default sqlite:///<data_dir>/rxverify.db.")
+    broker_url: str = Field(default="", description="Celery broker; default sqla+sqlite:///<data_dir>/broker.sqlite.")
+    result_backend: str = Field(default="", description="Celery results; default db+sqlite:///<data_dir>/results.sqlite.")
+    redis_url: str | None = Field(default=None, description="Redis for 'model promoted' pub/sub; unset = poll only.")
+    notification_channel: str = "rxverify:model-promoted"
+    db_pool_size: int = Field(default=5, ge=1)
+    db_max_overflow: int = Field(default=10, ge=0)
+    db_busy_timeout_ms: int = Field(default=5000, ge=0, description="SQLite lock wait before 'database is locked'.")
+
+    # --- HTTP service -------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    max_request_body_bytes: int = Field(default=12 * 1024 * 1024, ge=1024, description="Any request body; 413 above.")
+    readiness_timeout_s: float = Field(default=2.0, gt=0, description="Per-dependency timeout of /readyz checks.")
+
+    # --- logging ------------------------------------------------------------------------------
+    log_format: LogFormat = "json"
+    log_level: LogLevel = "INFO"
+
+    # --- images and verification -------------------------------------------------------------
+    max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1, description="Largest accepted image file.")
+    max_image_pixels: int = Field(default=40_000_000, ge=1, description="Decompression-bomb guard (width*height).")
+    allowed_image_formats: Annotated[tuple[str, ...], NoDecode] = ("JPEG", "PNG", "WEBP")
+    retain_images: bool = Field(default=False, description="Also store verification images (not only their SHA-256).")
+
+    # --- inference engine -----------------------------------------------------------------------
+    max_batch_size: int = Field(default=16, ge=1)
+    max_batch_wait_ms: float = Field(default=5.0, ge=0)
+    inference_queue_size: int = Field(default=256, ge=1, description="Bounded queue; full = 503 Retry-After.")
+    torch_threads: int | None = Field(default=None, ge=1, description="CPU threads for torch; unset = torch default.")
+    device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
+    model_poll_seconds: float = Field(default=5.0, gt=0, description="Fallback poll for the active model version.")
+
+    # --- costs and promotion ----------------------------------------------------------------
+    max_cost: float = Field(default=1000.0, gt=0, description="Largest cost a pharmacist may enter.")
+    critical_cost_threshold: float = Field(default=5.0, gt=0, description="A pair at least this costly is critical.")
+    promotion_max_accuracy_drop: float = Field(default=0.5, ge=0, description="Percentage points the gate allows.")
+    auto_promote: bool = Field(default=False, description="Default of a training job's auto_promote.")
+
+    # --- Celery --------------------------------------------------------------------------------
+    default_queue: str = "default"
+    training_queue: str = "training"
+    task_soft_time_limit_s: int = Field(default=6 * 3600, ge=1, description="Soft limit: the task checkpoints.")
+    task_time_limit_s: int = Field(default=6 * 3600 + 600, ge=1, description="Hard limit: the task is killed.")
+    broker_visibility_timeout_s: int = Field(default=8 * 3600, ge=1, description="Must exceed the hard limit.")
+    worker_max_tasks_per_child: int = Field(default=20, ge=1, description="Recycle prefork children.")
+
+    @field_validator("allowed_image_formats", mode="before")
+    @classmethod
+    def _split_formats(cls, value: Any) -> Any:
+        # Operators write `JPEG,PNG`; JSON lists work too.
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return tuple(json.loads(text))
+            return tuple(part for part in (p.strip() for p in text.split(",")) if part)
+        return value
+
+    @field_validator("allowed_image_formats", mode="after")
+    @classmethod
+    def _upper_formats(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("at least one image format must be allowed")
+        return tuple(fmt.upper() for fmt in value)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive_from_data_dir(cls, data: Any) -> Any:
+        # Derived defaults are filled here, so each field holds its final value and the object stays frozen.
+        if not isinstance(data, dict):
+            return data
+        values = dict(data)
+        data_dir = Path(values.get("data_dir") or "./var").expanduser().resolve()
+        values["data_dir"] = data_dir
+        defaults = {
+            "database_url": f"sqlite:///{data_dir / 'rxverify.db'}",
+            "broker_url": f"sqla+sqlite:///{data_dir / 'broker.sqlite'}",
+            "result_backend": f"db+sqlite:///{data_dir / 'results.sqlite'}",
+        }
+        for key, default in defaults.items():
+            if not values.get(key):
+                values[key] = default
+        if values.get("redis_url") == "":
+            values["redis_url"] = None
+        return values
+
+    @model_validator(mode="after")
+    def _check_limits(self) -> Settings:
+        if self.task_time_limit_s <= self.task_soft_time_limit_s:
+            raise ValueError("task_time_limit_s must exceed task_soft_time_limit_s (the soft limit checkpoints)")
+        if self.broker_visibility_timeout_s <= self.task_time_limit_s:
+            raise ValueError("broker_visibility_timeout_s must exceed task_time_limit_s, or long jobs are redelivered")
+        if self.max_request_body_bytes < self.max_upload_bytes:
+            raise ValueError("max_request_body_bytes must be at least max_upload_bytes")
+        if self.default_queue == self.training_queue:
+            raise ValueError("training_queue must differ from default_queue")
+        return self
+
+    # --- derived paths -------------------------------------------------------------------------
+    @property
+    def checkpoints_dir(self) -> Path:
+        """Model checkpoints, addressed by SHA-256."""
+        return self.data_dir / "checkpoints"
+
+    @property
+    def datasets_dir(self) -> Path:
+        """Registered and generated datasets."""
+        return self.data_dir / "datasets"
+
+    @property
+    def images_dir(self) -> Path:
+        """Retained verification images."""
+        return self.data_dir / "images"
+
+    @property
+    def keys_dir(self) -> Path:
+        """Demo API keys written by `make run` (owner-only permissions)."""
+        return self.data_dir / "keys"
+
+    @property
+    def is_sqlite(self) -> bool:
+        """True for the embedded SQLite database."""
+        return self.database_url.startswith("sqlite")
+
+    def ensure_dirs(self) -> None:
+        """Create data_dir and its sub-directories (idempotent)."""
+        for path in (self.data_dir, self.checkpoints_dir, self.datasets_dir, self.images_dir, self.keys_dir):
+            path.mkdir(parents=True, exist_ok=True)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment once (tests pass their own Settings)."""
+    return Settings()

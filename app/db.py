@@ -1,0 +1,119 @@
+"""Engine, session factory, declarative base and the one transaction scope that commits."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import MetaData, create_engine, event
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+
+from app.config import Settings, get_settings
+
+logger = logging.getLogger(__name__)
+
+# Deterministic constraint names: Alembic's batch mode (SQLite) and downgrades need to name them.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    """Declarative base of every table in app/orm."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+def create_db_engine(settings: Settings, *, for_migrations: bool = False) -> Engine:
+    """An engine for settings.database_url (SQLite gets foreign keys, WAL and a busy timeout)."""
+    url = make_url(settings.database_url)
+    if url.get_backend_name() == "sqlite":
+        if url.database and url.database != ":memory:":
+            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False})
+        _install_sqlite_pragmas(engine, busy_timeout_ms=settings.db_busy_timeout_ms,
+                                foreign_keys=not for_migrations)
+        if for_migrations:
+            _make_sqlite_ddl_transactional(engine)
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=settings.db_pool_size,
+                         max_overflow=settings.db_max_overflow)
+
+
+def _install_sqlite_pragmas(engine: Engine, *, busy_timeout_ms: int, foreign_keys: bool) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        try:
+            # SQLite ignores foreign keys unless asked, per connection; WAL lets readers run beside a writer.
+            # Migrations turn them off: batch mode rebuilds tables, and env.py checks integrity afterwards.
+            cursor.execute(f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}")
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        finally:
+            cursor.close()
+
+
+def _make_sqlite_ddl_transactional(engine: Engine) -> None:
+    # pysqlite commits before DDL by default; taking over BEGIN makes a failed migration roll back whole.
+    @event.listens_for(engine, "connect")
+    def _autocommit_driver(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN")
+
+
+def create_session_factory(engine: Engine) -> sessionmaker[Session]:
+    """Sessions that keep loaded attributes after commit (responses are built from them)."""
+    return sessionmaker(bind=engine, expire_on_commit=False, autoflush=True)
+
+
+@contextmanager
+def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """Open a session, commit when the block succeeds, roll back when it raises."""
+    session = factory()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+class Database:
+    """An engine plus its session factory for one Settings (one per app or CLI process)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.engine = create_db_engine(settings)
+        self.session_factory = create_session_factory(self.engine)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A committed-or-rolled-back session (see session_scope)."""
+        with session_scope(self.session_factory) as session:
+            yield session
+
+    def dispose(self) -> None:
+        """Close every pooled connection."""
+        self.engine.dispose()
+
+
+@lru_cache(maxsize=1)
+def get_database() -> Database:
+    """The process-wide Database for get_settings() (worker and CLI; the API keeps its own on app.state)."""
+    return Database(get_settings())

@@ -1,0 +1,63 @@
+"""The FastAPI application factory: routers, problem handlers, middleware, lifespan."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app.api import api_keys, audit, cost_matrices, health, products
+from app.config import Settings, get_settings
+from app.db import Database
+from app.log import configure_logging
+from app.middleware import BodySizeLimitMiddleware, ObservabilityMiddleware
+from app.problems import install_problem_handlers
+
+logger = logging.getLogger(__name__)
+
+API_DESCRIPTION = """
+Dispensing verification for pharmacies, with cost-sensitive image classification (CSADA).
+
+Authenticate with an API key in the `X-API-Key` header. Roles: `client` (verifications),
+`pharmacist` (catalog, cost matrices, resolutions, training, logs) and `admin` (everything, including
+keys and promotion).
+
+Every error is RFC 9457 `application/problem+json` with `type`, `title`, `status` and `detail`
+(plus `errors` pointing at bad fields, and `request_id`). **Any non-200 answer to a verification means
+a pharmacist must check the bottle.**
+"""
+
+
+def _no_model() -> bool:
+    return False
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the API for `settings` (default: from the environment). Uvicorn calls this as a factory."""
+    settings = settings or get_settings()
+    configure_logging(settings)
+    settings.ensure_dirs()
+    database = Database(settings)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        logger.info("rxverify API starting", extra={"data_dir": str(settings.data_dir)})
+        try:
+            yield
+        finally:
+            database.dispose()
+            logger.info("rxverify API stopped")
+
+    app = FastAPI(title="rxverify", version="0.1.0", description=API_DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.db = database
+    # The inference engine sets this to a callable that says whether a model is loaded and warm.
+    app.state.model_ready = _no_model
+    install_problem_handlers(app)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)
+    app.add_middleware(ObservabilityMiddleware)  # added last = outermost: it sees every answer
+    for router in (health.router, products.router, cost_matrices.router, api_keys.router, audit.router):
+        app.include_router(router)
+    return app

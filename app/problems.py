@@ -1,0 +1,152 @@
+"""RFC 9457 problem details: the one place that turns every error into application/problem+json."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import IntegrityError, OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.errors import DomainError
+from app.log import current_request_id
+from app.ndc import NdcError
+
+logger = logging.getLogger(__name__)
+
+PROBLEM_BASE = "https://rxverify.dev/problems/"
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+_HTTP_SLUGS = {400: "bad-request", 404: "not-found", 405: "method-not-allowed", 406: "not-acceptable",
+               413: "payload-too-large", 415: "unsupported-media-type", 429: "too-many-requests"}
+
+
+def problem_type(slug: str) -> str:
+    """The type URI of a problem slug."""
+    return PROBLEM_BASE + slug
+
+
+def problem_response(*, status: int, slug: str, detail: str, title: str | None = None,
+                     instance: str | None = None, errors: Sequence[dict[str, Any]] | None = None,
+                     extra: dict[str, Any] | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    """Build a problem+json response; the request id is included so operators can find the log line."""
+    body: dict[str, Any] = {
+        "type": problem_type(slug),
+        "title": title or HTTPStatus(status).phrase,
+        "status": status,
+        "detail": detail,
+    }
+    if instance:
+        body["instance"] = instance
+    if errors:
+        body["errors"] = list(errors)
+    request_id = current_request_id()
+    if request_id:
+        body["request_id"] = request_id
+    for key, value in (extra or {}).items():
+        body.setdefault(key, value)
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_MEDIA_TYPE, headers=headers)
+
+
+def field_pointer(loc: Sequence[Any]) -> str:
+    """`("body", "changes", 2, "cost")` -> `changes[2].cost`; query/path/header locations keep a prefix."""
+    parts = list(loc)
+    prefix = ""
+    if parts and parts[0] in ("body", "query", "path", "header", "cookie"):
+        source = parts.pop(0)
+        prefix = "" if source == "body" else f"{source}."
+    text = ""
+    for part in parts:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += ("." if text else "") + str(part)
+    return prefix + text if (prefix + text) else "body"
+
+
+async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, DomainError)
+    return problem_response(status=exc.status, slug=exc.slug, title=exc.title, detail=exc.detail,
+                            instance=request.url.path, errors=[e.to_dict() for e in exc.errors],
+                            extra=exc.extra, headers=exc.headers or None)
+
+
+async def _ndc_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, NdcError)
+    return problem_response(status=422, slug=exc.slug, title="NDC not usable", detail=str(exc),
+                            instance=request.url.path,
+                            extra={"ndc": exc.ndc, "candidates": list(exc.candidates)})
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    raw = list(exc.errors())
+    json_errors = [e for e in raw if e.get("type") == "json_invalid"]
+    if json_errors:
+        reason = (json_errors[0].get("ctx") or {}).get("error", "syntax error")
+        return problem_response(status=400, slug="malformed-json", title="Malformed JSON",
+                                detail=f"The request body is not valid JSON: {reason}",
+                                instance=request.url.path)
+    errors = [{"field": field_pointer(e.get("loc", ())), "message": str(e.get("msg", "invalid")),
+               "code": str(e.get("type", "invalid"))} for e in raw]
+    summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:3])
+    more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+    return problem_response(status=422, slug="validation-error", title="Request validation failed",
+                            detail=f"{summary}{more}", instance=request.url.path, errors=errors)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    status = exc.status_code
+    slug = _HTTP_SLUGS.get(status, f"http-{status}")
+    detail = str(exc.detail)
+    if status == 404 and detail == "Not Found":
+        detail = f"No resource at {request.method} {request.url.path}"
+    elif status == 405:
+        detail = f"Method {request.method} is not allowed on {request.url.path}"
+    elif status == 400 and detail == "There was an error parsing the body":
+        slug = "malformed-body"
+    return problem_response(status=status, slug=slug, detail=detail, instance=request.url.path,
+                            headers=dict(exc.headers) if exc.headers else None)
+
+
+async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    logger.warning("database operational error", exc_info=exc)
+    return problem_response(status=503, slug="database-unavailable", title="Database unavailable",
+                            detail="The database is busy or unreachable; retry shortly.",
+                            instance=request.url.path, headers={"Retry-After": "1"})
+
+
+async def _integrity_error(request: Request, exc: Exception) -> JSONResponse:
+    logger.info("integrity error mapped to 409", exc_info=exc)
+    return problem_response(status=409, slug="conflict", title="Conflict with the current state",
+                            detail="The change conflicts with data that already exists.",
+                            instance=request.url.path)
+
+
+async def unhandled_error(request: Request, exc: Exception) -> JSONResponse:
+    """Last resort (500): log with the traceback, answer without internals."""
+    logger.error("unhandled error", exc_info=exc)
+    return internal_error_response(request.url.path)
+
+
+def internal_error_response(path: str | None) -> JSONResponse:
+    """The 500 problem; the request id lets an operator find the traceback in the logs."""
+    return problem_response(status=500, slug="internal-error", title="Internal server error",
+                            detail="An unexpected error occurred. It has been logged with this request id.",
+                            instance=path)
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    """Register every exception handler on `app`."""
+    app.add_exception_handler(DomainError, _domain_error)
+    app.add_exception_handler(NdcError, _ndc_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(OperationalError, _database_unavailable)
+    app.add_exception_handler(IntegrityError, _integrity_error)
+    app.add_exception_handler(Exception, unhandled_error)

@@ -1,0 +1,62 @@
+"""Product catalog schemas."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import Field, model_validator
+
+from app.schemas.common import ReadModel, RequestModel
+
+NdcText = Field(min_length=1, max_length=32, examples=["00378-0208", "0378-0208-01"])
+
+
+class ProductCreate(RequestModel):
+    """A new product; `ndc` may be any NDC form and is stored as the padded product key."""
+
+    ndc: str = NdcText
+    name: str = Field(min_length=1, max_length=200)
+    shape: str = Field(min_length=1, max_length=40)
+    colour: str = Field(min_length=1, max_length=40)
+    imprint: list[str] = Field(default_factory=list, max_length=10, description="One string per side.")
+    size_mm: float | None = Field(default=None, gt=0, le=100, allow_inf_nan=False)
+    active: bool = True
+    reason: str | None = Field(default=None, max_length=2000)
+
+
+class ProductUpdate(RequestModel):
+    """Fields to change; omitted fields stay as they are. `active: false` withdraws a product."""
+
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    shape: str | None = Field(default=None, min_length=1, max_length=40)
+    colour: str | None = Field(default=None, min_length=1, max_length=40)
+    imprint: list[str] | None = Field(default=None, max_length=10)
+    size_mm: float | None = Field(default=None, gt=0, le=100, allow_inf_nan=False)
+    active: bool | None = None
+    reason: str | None = Field(default=None, max_length=2000)
+
+    @model_validator(mode="after")
+    def _no_nulls_for_required(self) -> ProductUpdate:
+        for name in ("name", "shape", "colour", "imprint", "active"):
+            if name in self.model_fields_set and getattr(self, name) is None:
+                raise ValueError(f"{name} cannot be null")
+        return self
+
+    def changes(self) -> dict[str, Any]:
+        """The fields the caller set, without the audit reason."""
+        return {k: v for k, v in self.model_dump(exclude_unset=True).items() if k != "reason"}
+
+
+class ProductRead(ReadModel):
+    """A catalog product."""
+
+    ndc: str
+    name: str
+    shape: str
+    colour: str
+    imprint: list[str]
+    size_mm: float | None
+    active: bool
+    created_at: datetime
+    updated_at: datetime

@@ -1,0 +1,1 @@
+"""Business rules. Services take a Session, flush but never commit: the request or task scope commits."""

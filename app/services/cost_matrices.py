@@ -1,0 +1,249 @@
+"""Cost-matrix versions: immutable, linear history, one active version; every change is audited.
+
+A version stores only the pairs whose cost differs from its default (1); unlisted off-diagonal pairs
+cost the default and the diagonal is 0. Each version may have at most one successor (a unique index on
+`parent_id`), so of two edits made from the same parent exactly one can commit; the other is stale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, aliased, selectinload
+
+from app.errors import Conflict, FieldError, InvalidInput, NotFound
+from app.ndc import NdcError, resolve_ndc
+from app.orm import ACTIVE_STATE_ID, ActiveState, CostMatrixEntry, CostMatrixVersion
+from app.services.audit import Actor, record_change
+from app.services.products import catalog_keys, ndc_field_error
+from models.costs import DEFAULT_OFF_DIAGONAL_COST, CostMatrix, CostMatrixError, check_cost
+
+VersionRef = int | Literal["active"]
+Pair = tuple[str, str]
+CSV_HEADER = ("true_ndc", "predicted_ndc", "cost")
+
+
+@dataclass(frozen=True, slots=True)
+class CostChange:
+    """Set c(true_ndc, predicted_ndc) = cost in the new version (NDCs in any accepted form)."""
+
+    true_ndc: str
+    predicted_ndc: str
+    cost: float
+
+
+@dataclass(frozen=True, slots=True)
+class CostDifference:
+    """One pair whose cost differs between two versions."""
+
+    true_ndc: str
+    predicted_ndc: str
+    from_cost: float
+    to_cost: float
+
+
+def active_version_id(session: Session) -> int | None:
+    """The id of the active version (None before the first activation)."""
+    return session.scalar(select(ActiveState.cost_matrix_version_id).where(ActiveState.id == ACTIVE_STATE_ID))
+
+
+def list_versions(session: Session) -> list[CostMatrixVersion]:
+    """Every version, oldest first, with entries loaded."""
+    query = select(CostMatrixVersion).options(selectinload(CostMatrixVersion.entries)).order_by(CostMatrixVersion.id)
+    return list(session.scalars(query))
+
+
+def get_version(session: Session, ref: VersionRef) -> CostMatrixVersion:
+    """A version by id, or the active one for "active"; NotFound otherwise."""
+    version_id = active_version_id(session) if ref == "active" else ref
+    version = session.get(CostMatrixVersion, version_id) if version_id is not None else None
+    if version is None:
+        what = "no cost-matrix version is active" if ref == "active" else f"cost-matrix version {ref} does not exist"
+        raise NotFound(what, slug="cost-matrix-not-found")
+    return version
+
+
+def head_version(session: Session) -> CostMatrixVersion | None:
+    """The newest version: the one without a successor."""
+    child = aliased(CostMatrixVersion)
+    query = (select(CostMatrixVersion)
+             .where(~select(child.id).where(child.parent_id == CostMatrixVersion.id).exists())
+             .order_by(CostMatrixVersion.id.desc()).limit(1))
+    return session.scalars(query).first()
+
+
+def version_costs(version: CostMatrixVersion) -> dict[Pair, float]:
+    """The version's non-default costs as {(true, predicted): cost}."""
+    return {(e.true_ndc, e.predicted_ndc): e.cost for e in version.entries}
+
+
+def entries_sha256(costs: dict[Pair, float], *, default: float = DEFAULT_OFF_DIAGONAL_COST) -> str:
+    """A content hash over the default and the sorted non-default cells."""
+    digest = hashlib.sha256(f"default={float(default)!r}\n".encode())
+    for (true, predicted), cost in sorted(costs.items()):
+        digest.update(f"{true},{predicted},{float(cost)!r}\n".encode())
+    return digest.hexdigest()
+
+
+def cost_matrix_of(session: Session, ref: VersionRef, *, classes: Sequence[str] | None = None) -> CostMatrix:
+    """The version as a models.costs.CostMatrix over `classes` (default: the whole catalog, sorted)."""
+    version = get_version(session, ref)
+    names = tuple(classes) if classes is not None else tuple(sorted(catalog_keys(session)))
+    known = set(names)
+    pairs = {pair: cost for pair, cost in version_costs(version).items() if pair[0] in known and pair[1] in known}
+    return CostMatrix.from_pairs(names, pairs, default=version.default_cost)
+
+
+def create_version(session: Session, *, parent_version: int | None, reason: str, changes: Sequence[CostChange],
+                   actor: Actor, max_cost: float) -> CostMatrixVersion:
+    """A new version = parent + changes. 422 points at the bad change; 409 when the parent is stale."""
+    catalog = catalog_keys(session)
+    errors: list[FieldError] = []
+    resolved: dict[Pair, float] = {}
+    for index, change in enumerate(changes):
+        where = f"changes[{index}]"
+        keys: list[str] = []
+        for field in ("true_ndc", "predicted_ndc"):
+            try:
+                keys.append(resolve_ndc(getattr(change, field), catalog).product_key)
+            except NdcError as exc:
+                errors.append(ndc_field_error(exc, f"{where}.{field}"))
+        if len(keys) != 2:
+            continue
+        pair = (keys[0], keys[1])
+        try:
+            cost = check_cost(pair[0], pair[1], change.cost, max_cost=max_cost)
+        except CostMatrixError as exc:
+            errors.append(FieldError(field=f"{where}.cost", message=str(exc), code="invalid_cost"))
+            continue
+        if pair in resolved:
+            errors.append(FieldError(field=where, message=f"pair {pair[0]} -> {pair[1]} is changed twice",
+                                     code="duplicate_pair"))
+        resolved[pair] = cost
+    if errors:
+        raise InvalidInput(_summary(errors), slug="invalid-cost-matrix", errors=errors)
+    parent = _current_parent(session, parent_version)
+    costs = version_costs(parent) if parent is not None else {}
+    default = parent.default_cost if parent is not None else DEFAULT_OFF_DIAGONAL_COST
+    for (true, predicted), cost in resolved.items():
+        if true == predicted:
+            continue  # check_cost accepted it, so it is 0: the diagonal is implicit
+        if cost == default:
+            costs.pop((true, predicted), None)
+        else:
+            costs[(true, predicted)] = cost
+    return _insert_version(session, parent=parent, costs=costs, default=default, reason=reason, actor=actor,
+                           action="cost_matrix.create")
+
+
+def import_csv(session: Session, *, parent_version: int | None, reason: str, text: str, actor: Actor,
+               max_cost: float) -> CostMatrixVersion:
+    """A new version holding exactly the CSV's costs (header `true_ndc,predicted_ndc,cost`; unlisted = 1)."""
+    classes = sorted(catalog_keys(session))
+    try:
+        matrix = CostMatrix.read_csv(io.StringIO(text.lstrip("\ufeff")), classes, max_cost=max_cost)
+    except CostMatrixError as exc:
+        field = f"row {exc.row}" if exc.row is not None else "csv"
+        pair = f" ({exc.true} -> {exc.predicted})" if exc.true is not None else ""
+        error = FieldError(field=field, message=f"{exc}{pair}", code="invalid_csv")
+        raise InvalidInput(f"{field}: {exc}{pair}", slug="invalid-cost-matrix", errors=[error]) from exc
+    parent = _current_parent(session, parent_version)
+    costs = {(t, p): c for t, p, c in matrix.entries() if c != DEFAULT_OFF_DIAGONAL_COST}
+    return _insert_version(session, parent=parent, costs=costs, default=DEFAULT_OFF_DIAGONAL_COST, reason=reason,
+                           actor=actor, action="cost_matrix.import_csv")
+
+
+def export_csv(session: Session, ref: VersionRef) -> str:
+    """The version's non-default pairs as CSV with the header `true_ndc,predicted_ndc,cost`."""
+    version = get_version(session, ref)
+    costs = version_costs(version)
+    classes = sorted(catalog_keys(session) | {ndc for pair in costs for ndc in pair})
+    matrix = CostMatrix.from_pairs(classes, costs, default=version.default_cost)
+    return matrix.to_csv(header=CSV_HEADER, default=version.default_cost)
+
+
+def diff_versions(session: Session, from_ref: VersionRef, to_ref: VersionRef) -> list[CostDifference]:
+    """Every pair whose effective cost differs from one version to the other."""
+    old, new = get_version(session, from_ref), get_version(session, to_ref)
+    old_costs, new_costs = version_costs(old), version_costs(new)
+    differences = []
+    for pair in sorted(set(old_costs) | set(new_costs)):
+        before, after = old_costs.get(pair, old.default_cost), new_costs.get(pair, new.default_cost)
+        if before != after:
+            differences.append(CostDifference(pair[0], pair[1], before, after))
+    return differences
+
+
+def activate_version(session: Session, *, ref: VersionRef, actor: Actor, reason: str | None = None) -> CostMatrixVersion:
+    """Make a version the active one (any version, so a rollback is an activation too)."""
+    version = get_version(session, ref)
+    previous = active_version_id(session)
+    if previous == version.id:
+        return version
+    session.execute(update(ActiveState).where(ActiveState.id == ACTIVE_STATE_ID)
+                    .values(cost_matrix_version_id=version.id))
+    session.flush()
+    record_change(session, actor=actor, action="cost_matrix.activate", entity_type="cost_matrix",
+                  entity_id=version.id, reason=reason,
+                  details={"from_version": previous, "to_version": version.id})
+    return version
+
+
+def _current_parent(session: Session, parent_version: int | None) -> CostMatrixVersion | None:
+    head = head_version(session)
+    if parent_version is None:
+        if head is None:
+            return None
+        raise _stale(None, head)
+    parent = session.get(CostMatrixVersion, parent_version)
+    if parent is None:
+        raise InvalidInput(f"parent_version {parent_version} does not exist", slug="cost-matrix-not-found",
+                           errors=[FieldError("parent_version", "no such version", "not_found")])
+    if head is not None and head.id != parent.id:
+        raise _stale(parent.id, head)
+    return parent
+
+
+def _stale(parent_id: int | None, head: CostMatrixVersion) -> Conflict:
+    return Conflict(f"parent_version {parent_id} is stale: the newest version is {head.id}; "
+                    "re-read it and apply your changes to it", slug="stale-parent",
+                    extra={"parent_version": parent_id, "head_version": head.id})
+
+
+def _insert_version(session: Session, *, parent: CostMatrixVersion | None, costs: dict[Pair, float],
+                    default: float, reason: str, actor: Actor, action: str) -> CostMatrixVersion:
+    parent_costs = version_costs(parent) if parent is not None else {}
+    if parent is not None and costs == parent_costs and default == parent.default_cost:
+        raise InvalidInput("the changes leave the matrix identical to its parent", slug="no-change",
+                           errors=[FieldError("changes", "no cost differs from the parent", "no_change")])
+    version = CostMatrixVersion(parent_id=parent.id if parent else None, author=actor.name, author_key_id=actor.key_id,
+                                reason=reason, default_cost=default, entries_sha256=entries_sha256(costs, default=default))
+    version.entries = [CostMatrixEntry(true_ndc=t, predicted_ndc=p, cost=c) for (t, p), c in sorted(costs.items())]
+    session.add(version)
+    try:
+        session.flush()
+    except IntegrityError as exc:
+        # The unique index on parent_id is the arbiter when two edits of one parent race.
+        if "parent_id" in str(exc.orig):
+            raise Conflict(f"parent_version {parent.id if parent else None} is stale: another edit of it "
+                           "committed first; re-read the newest version", slug="stale-parent",
+                           extra={"parent_version": parent.id if parent else None}) from exc
+        raise
+    changed = [{"true_ndc": t, "predicted_ndc": p, "from": parent_costs.get((t, p), default),
+                "to": costs.get((t, p), default)}
+               for t, p in sorted(set(parent_costs) | set(costs)) if parent_costs.get((t, p)) != costs.get((t, p))]
+    record_change(session, actor=actor, action=action, entity_type="cost_matrix", entity_id=version.id, reason=reason,
+                  details={"parent_version": version.parent_id, "changes": changed,
+                           "entries_sha256": version.entries_sha256})
+    return version
+
+
+def _summary(errors: list[FieldError]) -> str:
+    head = "; ".join(f"{e.field}: {e.message}" for e in errors[:3])
+    return head + (f" (and {len(errors) - 3} more)" if len(errors) > 3 else "")
