@@ -19,13 +19,14 @@ def _settings() -> Settings:
     return settings if isinstance(settings, Settings) else get_settings()
 
 
-def _configure(connection: Connection) -> None:
+def _configure(connection: Connection, *, transactional_ddl: bool | None = None) -> None:
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
         compare_type=True,
         # SQLite cannot ALTER most things; batch mode rebuilds the table instead.
         render_as_batch=connection.dialect.name == "sqlite",
+        transactional_ddl=transactional_ddl,
     )
 
 
@@ -49,7 +50,8 @@ def run_migrations_online() -> None:
     engine = create_db_engine(_settings(), for_migrations=True)
     try:
         with engine.connect() as conn:
-            _configure(conn)
+            # Our SQLite migration engine emits BEGIN itself (app.db), so its DDL is transactional too.
+            _configure(conn, transactional_ddl=True)
             with context.begin_transaction():
                 context.run_migrations()
             if conn.dialect.name == "sqlite":

@@ -8,6 +8,7 @@ from typing import Any
 def register(sub: Any, groups: dict[str, Any]) -> None:
     """Add every app/ command to the `rxverify` parser."""
     # Each module exposes register(sub, groups); keep imports light (no torch at parse time).
-    from app.commands import admin
+    from app.commands import admin, runtime
 
     admin.register(sub, groups)
+    runtime.register(sub, groups)

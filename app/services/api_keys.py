@@ -67,7 +67,7 @@ def authenticate(session: Session, token: str | None) -> Actor:
     if not token:
         raise Unauthorized("Send an API key in the X-API-Key header.", slug="missing-api-key",
                            headers=_AUTH_HEADERS)
-    parts = token.strip().split("_")
+    parts = token.strip().split("_", 2)
     key = None
     if len(parts) == 3 and parts[0] == TOKEN_SCHEME:
         key = session.scalars(select(ApiKey).where(ApiKey.prefix == parts[1])).one_or_none()

@@ -212,7 +212,7 @@ def _current_parent(session: Session, parent_version: int | None) -> CostMatrixV
 
 def _stale(parent_id: int | None, head: CostMatrixVersion) -> Conflict:
     return Conflict(f"parent_version {parent_id} is stale: the newest version is {head.id}; "
-                    "re-read it and apply your changes to it", slug="stale-parent",
+                    "re-read it and apply your changes to it", slug="stale-parent", title="Stale parent version",
                     extra={"parent_version": parent_id, "head_version": head.id})
 
 
@@ -232,7 +232,7 @@ def _insert_version(session: Session, *, parent: CostMatrixVersion | None, costs
         # The unique index on parent_id is the arbiter when two edits of one parent race.
         if "parent_id" in str(exc.orig):
             raise Conflict(f"parent_version {parent.id if parent else None} is stale: another edit of it "
-                           "committed first; re-read the newest version", slug="stale-parent",
+                           "committed first; re-read the newest version", slug="stale-parent", title="Stale parent version",
                            extra={"parent_version": parent.id if parent else None}) from exc
         raise
     changed = [{"true_ndc": t, "predicted_ndc": p, "from": parent_costs.get((t, p), default),
