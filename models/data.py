@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import tempfile
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,20 @@ TOY_MEAN_SCALE = 0.3
 TOY_CRITICAL_PAIR: tuple[str, str] = ("green", "blue")
 
 
+class LabelledDataset(Dataset[tuple[torch.Tensor, int]], ABC):
+    """A sized dataset of `(input tensor, int label)` with `targets` (labels in index order) and `classes`."""
+
+    targets: list[int]
+    classes: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    @abstractmethod
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        """The input tensor and label of sample `index`."""
+
+
 @dataclass(frozen=True)
 class DataSplits:
     """Train/valid/test datasets plus what a model and its checkpoint need to know about the inputs.
@@ -53,9 +68,9 @@ class DataSplits:
     """
 
     classes: tuple[str, ...]
-    train: Dataset[Any]
-    valid: Dataset[Any]
-    test: Dataset[Any]
+    train: LabelledDataset
+    valid: LabelledDataset
+    test: LabelledDataset
     mean: tuple[float, ...]
     std: tuple[float, ...]
     image_size: int
@@ -68,7 +83,7 @@ class DataSplits:
         return len(self.classes)
 
 
-class ImageFileDataset(Dataset[tuple[torch.Tensor, int]]):
+class ImageFileDataset(LabelledDataset):
     """Image files with integer labels, decoded through a preset (`TrainPreset` or `EvalPreset`)."""
 
     def __init__(
@@ -83,9 +98,6 @@ class ImageFileDataset(Dataset[tuple[torch.Tensor, int]]):
         self.targets = [label for _, label in self.samples]
         self.transform = transform
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
         return self.transform(self.transform.decode(path)), label
@@ -95,18 +107,22 @@ class ImageFileDataset(Dataset[tuple[torch.Tensor, int]]):
         return ImageFileDataset(self.samples, classes=self.classes, transform=transform)
 
 
-class TensorClassificationDataset(Dataset[tuple[torch.Tensor, int]]):
-    """In-memory inputs with integer labels; `targets` is a list of ints."""
+class TensorClassificationDataset(LabelledDataset):
+    """In-memory inputs with integer labels; `targets` is a list of ints.
 
-    def __init__(self, inputs: torch.Tensor, targets: Sequence[int], *, classes: Sequence[str]) -> None:
+    `indices` optionally records each sample's position in the source data (e.g. sklearn's digits).
+    """
+
+    def __init__(
+        self, inputs: torch.Tensor, targets: Sequence[int], *, classes: Sequence[str],
+        indices: Sequence[int] | None = None,
+    ) -> None:
         if len(inputs) != len(targets):
             raise ValueError(f"{len(inputs)} inputs but {len(targets)} targets")
         self.inputs = inputs
         self.targets = [int(t) for t in targets]
         self.classes = tuple(classes)
-
-    def __len__(self) -> int:
-        return len(self.targets)
+        self.indices = None if indices is None else [int(i) for i in indices]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.inputs[index], self.targets[index]
@@ -309,11 +325,14 @@ def _fingerprint_arrays(tag: str, *arrays: np.ndarray) -> str:
 
 def _tensor_splits(
     *, classes: tuple[str, ...], parts: dict[str, tuple[torch.Tensor, np.ndarray]],
+    indices: dict[str, np.ndarray] | None = None,
     normalise: Callable[[torch.Tensor], torch.Tensor], mean: tuple[float, ...], std: tuple[float, ...],
     image_size: int, in_channels: int, fingerprint: str,
 ) -> DataSplits:
     made = {
-        split: TensorClassificationDataset(normalise(x), y.tolist(), classes=classes)
+        split: TensorClassificationDataset(
+            normalise(x), y.tolist(), classes=classes, indices=None if indices is None else indices[split].tolist()
+        )
         for split, (x, y) in parts.items()
     }
     return DataSplits(classes=classes, train=made["train"], valid=made["valid"], test=made["test"],
@@ -339,10 +358,10 @@ def load_digits_splits(*, seed: int, valid_fraction: float = 0.2, test_fraction:
     images = torch.from_numpy(pixels).reshape(-1, 1, 8, 8)
     mean_v = float(images[train_idx].mean())
     std_v = float(images[train_idx].std())
-    parts = {split: (images[idx], labels[idx])
-             for split, idx in (("train", train_idx), ("valid", valid_idx), ("test", test_idx))}
+    chosen = {"train": train_idx, "valid": valid_idx, "test": test_idx}
+    parts = {split: (images[idx], labels[idx]) for split, idx in chosen.items()}
     return _tensor_splits(
-        classes=tuple(str(d) for d in range(10)), parts=parts,
+        classes=tuple(str(d) for d in range(10)), parts=parts, indices=chosen,
         normalise=lambda x: (x - mean_v) / std_v, mean=(mean_v,), std=(std_v,), image_size=8, in_channels=1,
         fingerprint=_fingerprint_arrays("sklearn-digits-v1", pixels, labels, train_idx, valid_idx, test_idx),
     )

@@ -34,9 +34,12 @@ ImageSource = str | Path | IO[bytes]
 
 
 class _PresetMetadata(Protocol):
-    image_size: int
-    mean: Sequence[float]
-    std: Sequence[float]
+    @property
+    def image_size(self) -> int: ...
+    @property
+    def mean(self) -> Sequence[float]: ...
+    @property
+    def std(self) -> Sequence[float]: ...
 
 
 class ConvertRGB(torch.nn.Module):
