@@ -51,7 +51,9 @@ def test_forward_shapes(name: str, size: int, channels: int) -> None:
     assert _logits(model, (2, channels, size, size)).shape == (2, 7)
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50"])
+# Building the deeper ResNets costs seconds of CPU (weight init), hence the slow mark.
+@pytest.mark.parametrize("name", ["resnet18", pytest.param("resnet34", marks=pytest.mark.slow),
+                                  pytest.param("resnet50", marks=pytest.mark.slow)])
 def test_deep_resnets_at_32px(name: str) -> None:
     for channels in (1, 3):
         model = create_model(name, 4, in_channels=channels)
@@ -90,7 +92,8 @@ def test_unknown_arch_and_bad_sizes() -> None:
 
 @pytest.mark.parametrize("name", ARCHITECTURES)
 def test_classifier_head_is_last_linear(name: str) -> None:
-    model = create_model(name, 6, in_channels=3, input_shape=(3, 8, 8))
+    with torch.device("meta"):  # structure only: skips the seconds of weight init of deep ResNets
+        model = create_model(name, 6, in_channels=3, input_shape=(3, 8, 8))
     head = classifier_head(model)
     assert head.out_features == 6
     head_ids = {id(p) for p in classifier_parameters(model)}
