@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
@@ -108,10 +108,12 @@ class _Preset:
         return math.ceil(width * need / short), math.ceil(height * need / short)
 
     def decode(self, source: ImageSource) -> Image.Image:
-        """Open an image file or stream, decoding JPEGs at reduced scale where safe; returns RGB."""
+        """Open an image file or stream, decoding JPEGs at reduced scale where safe; returns upright RGB."""
         with Image.open(source) as image:
             image.draft("RGB", self.draft_request(*image.size))
-            return image.convert("RGB")
+            # EXIF orientation, as the serving decoder (app.inference.images) applies it.
+            upright = ImageOps.exif_transpose(image)
+            return upright.convert("RGB")
 
     def __call__(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
         """Transform one image into a normalised (3, image_size, image_size) float tensor."""

@@ -137,3 +137,13 @@ def test_decode_of_png_is_plain_rgb() -> None:
     buffer.seek(0)
     image = preset.decode(buffer)
     assert image.mode == "RGB" and image.size == (30, 20)
+
+
+def test_decode_applies_exif_orientation() -> None:
+    preset = EvalPreset(image_size=8, mean=MEAN, std=STD)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": a portrait photo stored landscape
+    buffer = io.BytesIO()
+    _photo(40, 30).save(buffer, format="JPEG", exif=exif.tobytes())
+    buffer.seek(0)
+    assert preset.decode(buffer).size == (30, 40)
