@@ -1,0 +1,244 @@
+"""CSADA training: Algorithm 2 (all pairs) and Algorithm 3 (one sampled pair per step).
+
+The augmented objective, eq. (5) of the paper, with c~(a, b) = c(a, b)^tau / sum c^tau:
+
+    L(theta) = 1/N sum_i [ CE(x_i, y_i) + lambda * sum_z c~(y_i, z) CE(x_i + delta_i^(y_i, z), y_i) ]
+
+where delta_i^(y, z) comes from Algorithm 1 (`models.attacks`), and is 0 for a sample the model gets
+wrong at the start. Grouping the adversarial part by pair, with pi_a = N_a / N the share of class a in
+the training set and m_ab the mean over class-a samples of CE(x + delta^(a, b), a):
+
+    A(theta) = lambda * sum_(a,b) c~(a, b) * pi_a * m_ab.
+
+Full (Algorithm 2, `stochastic=False`): every sample of the batch is attacked towards every class z
+with c~(y_i, z) > 0, and the batch estimate is lambda / |B| * sum_i sum_z c~(y_i, z) CE_iz. That is
+(K - 1) attacks per sample, so one epoch costs about K - 1 times a stochastic one and the number of
+attacked (sample, pair) rows grows with the number of pairs, i.e. with K^2 over the whole problem.
+
+Stochastic (Algorithm 3, `stochastic=True`): each step samples one pair (a, b) with probability
+q(a, b) = c~(a, b) over the pairs whose source class has training samples, then draws M samples of
+class a through a per-class index of the training set (uniformly, without replacement when the
+class has at least M samples). The adversarial term of the step is
+
+    lambda * w(a, b) * mean_{j=1..M} CE(x_j + delta_j^(a, b), a),   w(a, b) = c~(a, b) * pi_a / q(a, b).
+
+Unbiasedness: the per-class draw makes the mean an unbiased estimate of m_ab, and importance sampling
+gives E_q[w * m_ab] = sum_(a,b) q(a,b) * c~(a,b) pi_a / q(a,b) * m_ab = sum c~(a,b) pi_a m_ab, so the
+step's loss estimates L(theta) without bias (the clean term is the usual batch mean). Since q = c~
+restricted to classes present (q = c~ / Z with Z = the c~-mass of those pairs, 1 when every class
+has samples), w(a, b) = Z * pi_a, i.e. simply the share of class a. The paper's Algorithm 3 attacks the
+class-a samples that happen to be in the batch, which has the same expectation (about pi_a * |B| of
+them, averaged over |B|) but no adversarial term at all whenever the batch holds no class-a sample;
+drawing from the class index puts one in every step. Samples that Algorithm 1 skips stay in the mean
+with delta = 0, as in eq. (5); averaging over attacked samples only would bias the estimate.
+
+The clean and adversarial inputs go through the model in one forward pass (one batch-norm batch when
+BN is not frozen, and one backward pass).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, TensorDataset
+
+from models.attacks import AttackResult, Norm, OnReject, targeted_attack
+from models.costs import CostMatrix
+from models.methods import AttackStats, LossOutput, Method
+
+logger = logging.getLogger(__name__)
+
+# Separates the pair draws' random stream from any other stream seeded with (seed, epoch).
+_STREAM_TAG = 0xC5ADA
+
+
+@dataclass(frozen=True)
+class CsadaConfig:
+    """CSADA hyperparameters (defaults: the paper's CIFAR-10 settings, section 5.2)."""
+
+    lam: float = 2.0  # lambda, weight of the adversarial term
+    eps: float = 1.0  # radius of the perturbation ball
+    steps: int = 10  # K, ascent steps of Algorithm 1
+    step_size: float = 5e-4  # eta_2, ascent step size
+    tau: float = 3.0  # temperature of c~ = c^tau / sum c^tau
+    norm: Norm = "linf"
+    sign: bool = False  # sign-gradient ascent instead of the paper's raw gradient
+    clamp: tuple[float, float] | None = None  # valid input range, or None (the authors' code)
+    stochastic: bool = True  # Algorithm 3 (one pair per step) instead of Algorithm 2 (all pairs)
+    on_reject: OnReject = "stay"  # a rejected sample keeps trying ("stay") or ends ("stop")
+    attack_batch_size: int | None = None  # M, class-a draws per step; None: the training batch size
+
+    def __post_init__(self) -> None:
+        if self.lam < 0 or self.eps < 0 or self.steps < 0 or self.step_size < 0 or self.tau < 0:
+            raise ValueError("lam, eps, steps, step_size and tau must be non-negative")
+        if self.norm not in ("linf", "l2"):
+            raise ValueError(f"norm must be 'linf' or 'l2' (got {self.norm!r})")
+        if self.on_reject not in ("stay", "stop"):
+            raise ValueError(f"on_reject must be 'stay' or 'stop' (got {self.on_reject!r})")
+        if self.attack_batch_size is not None and self.attack_batch_size < 1:
+            raise ValueError("attack_batch_size must be >= 1")
+        if self.clamp is not None:
+            object.__setattr__(self, "clamp", (float(self.clamp[0]), float(self.clamp[1])))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> CsadaConfig:
+        """Build from keyword hyperparameters; unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown CSADA hyperparameters: {', '.join(unknown)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON values."""
+        values = asdict(self)
+        values["clamp"] = list(self.clamp) if self.clamp is not None else None
+        return values
+
+
+class PairSampler:
+    """Samples (a, b) with probability c~ and class-a training indices; gives the unbiased weight."""
+
+    def __init__(self, *, tempered: np.ndarray, labels: np.ndarray) -> None:
+        k = tempered.shape[0]
+        counts = np.bincount(labels, minlength=k).astype(np.float64)
+        if counts.shape[0] != k:
+            raise ValueError(f"labels go up to {counts.shape[0] - 1} but the cost matrix has {k} classes")
+        self.share = counts / counts.sum()
+        self.members = [np.flatnonzero(labels == a) for a in range(k)]
+        # Pairs whose source class has no training sample carry zero weight in eq. (5): drop them.
+        allowed = tempered * (counts > 0)[:, None]
+        mass = allowed.sum()
+        if mass <= 0:
+            raise ValueError("no pair with a positive cost has a source class present in the training set")
+        self.c_tilde = tempered
+        self.probabilities = allowed / mass
+        self.weights = np.where(self.probabilities > 0,
+                                tempered * self.share[:, None] / np.where(allowed > 0, self.probabilities, 1.0),
+                                0.0)
+
+    def draw(self, rng: np.random.Generator, *, size: int) -> tuple[int, int, float, np.ndarray]:
+        """One pair (a, b), its weight w(a, b) and `size` indices of class-a samples."""
+        k = self.probabilities.shape[0]
+        flat = int(rng.choice(k * k, p=self.probabilities.ravel()))
+        a, b = divmod(flat, k)
+        members = self.members[a]
+        indices = rng.choice(members, size=size, replace=size > members.size)
+        return a, b, float(self.weights[a, b]), indices
+
+    def schedule(self, *, seed: int, epoch: int, steps: int, size: int) -> list[tuple[int, int, float, np.ndarray]]:
+        """The epoch's draws, a pure function of (seed, epoch), so a resumed epoch repeats them."""
+        rng = np.random.default_rng([seed, epoch, _STREAM_TAG])
+        return [self.draw(rng, size=size) for _ in range(steps)]
+
+
+class CsadaMethod(Method):
+    """CSADA fine-tuning (Algorithms 2 and 3); see the module docstring for the weighting."""
+
+    name = "csada"
+
+    def __init__(self, *, cost_matrix: CostMatrix, config: CsadaConfig) -> None:
+        super().__init__(cost_matrix=cost_matrix)
+        self.config = config
+        self.tempered = cost_matrix.tempered(config.tau)
+        self.sampler: PairSampler | None = None
+        self.dataset: Dataset[Any] | None = None
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The CsadaConfig as plain values."""
+        return self.config.to_dict()
+
+    def setup(self, *, train_dataset: Dataset[Any]) -> None:
+        """Build the per-class index of the training set (stochastic version only)."""
+        if not self.config.stochastic:
+            return
+        self.dataset = train_dataset
+        self.sampler = PairSampler(tempered=self.tempered, labels=dataset_labels(train_dataset))
+
+    def epoch_stream(self, *, epoch: int, seed: int, steps: int, batch_size: int,
+                     loader: Any) -> Iterable[Any] | None:
+        """Per step: (a, b, w, x_a, y_a), the class-a draws loaded like the training batches."""
+        if not self.config.stochastic:
+            return None
+        if self.sampler is None or self.dataset is None:
+            raise RuntimeError("CsadaMethod.setup(train_dataset=...) must run before training")
+        size = self.config.attack_batch_size or batch_size
+        plan = self.sampler.schedule(seed=seed, epoch=epoch, steps=steps, size=size)
+        batches = DataLoader(self.dataset, batch_sampler=[indices.tolist() for _, _, _, indices in plan],
+                             num_workers=getattr(loader, "num_workers", 0),
+                             collate_fn=getattr(loader, "collate_fn", None),
+                             pin_memory=getattr(loader, "pin_memory", False))
+        return _zip_plan(plan, batches)
+
+    def compute_loss(self, model: nn.Module, x: Tensor, y: Tensor, *, extra: Any = None) -> LossOutput:
+        """Clean CE plus lambda times the weighted adversarial CE (one sampled pair, or all pairs)."""
+        if self.config.stochastic:
+            if extra is None:
+                raise RuntimeError("stochastic CSADA needs the epoch stream's class-a draws")
+            _, target, weight, x_a, y_a = extra
+            x_a, y_a = x_a.to(x.device, non_blocking=True), y_a.to(x.device, non_blocking=True)
+            result = self._attack(model, x_a, y_a, torch.full_like(y_a, target))
+            row_weights = torch.full((x_a.shape[0],), weight / x_a.shape[0], device=x.device)
+            return self._loss(model, x, y, x_a + result.delta, y_a, row_weights, [result])
+        costs = torch.as_tensor(self.tempered, dtype=torch.float32, device=x.device)
+        rows, targets = torch.nonzero(costs[y] > 0, as_tuple=True)
+        if rows.numel() == 0:
+            return LossOutput(F.cross_entropy(model(x).float(), y), AttackStats(0, 0, 0, 0))
+        x_rows, y_rows = x[rows], y[rows]
+        chunk = self.config.attack_batch_size or x.shape[0]
+        results = [self._attack(model, x_rows[i:i + chunk], y_rows[i:i + chunk], targets[i:i + chunk])
+                   for i in range(0, rows.numel(), chunk)]
+        delta = torch.cat([r.delta for r in results])
+        row_weights = costs[y_rows, targets] / x.shape[0]
+        return self._loss(model, x, y, x_rows + delta, y_rows, row_weights, results)
+
+    def _attack(self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor) -> AttackResult:
+        c = self.config
+        return targeted_attack(model, x, y, target, eps=c.eps, steps=c.steps, step_size=c.step_size,
+                               norm=c.norm, sign=c.sign, clamp=c.clamp, on_reject=c.on_reject)
+
+    def _loss(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor, y_adv: Tensor, row_weights: Tensor,
+              results: Sequence[AttackResult]) -> LossOutput:
+        logits = model(torch.cat([x, x_adv.detach()])).float()
+        clean = F.cross_entropy(logits[: x.shape[0]], y)
+        adversarial = (row_weights * F.cross_entropy(logits[x.shape[0]:], y_adv, reduction="none")).sum()
+        stats = AttackStats(attacked=sum(r.num_attacked for r in results),
+                            successes=sum(r.num_success for r in results),
+                            active_steps=sum(int(r.steps_active.sum()) for r in results),
+                            steps_run=sum(r.steps_run for r in results))
+        return LossOutput(clean + self.config.lam * adversarial, stats)
+
+
+def _zip_plan(plan: list[tuple[int, int, float, np.ndarray]], batches: DataLoader[Any]) -> Iterator[Any]:
+    for (a, b, weight, _), batch in zip(plan, batches, strict=True):
+        yield a, b, weight, batch[0], batch[1]
+
+
+def dataset_labels(dataset: Dataset[Any]) -> np.ndarray:
+    """Integer labels of a dataset, from `targets`/`labels` or the known wrappers; else by iterating."""
+    for attribute in ("targets", "labels"):
+        values = getattr(dataset, attribute, None)
+        if values is not None:
+            return _as_int_array(values)
+    if isinstance(dataset, TensorDataset):
+        return _as_int_array(dataset.tensors[-1])
+    if isinstance(dataset, Subset):
+        return dataset_labels(dataset.dataset)[np.asarray(dataset.indices, dtype=np.int64)]
+    if isinstance(dataset, ConcatDataset):
+        return np.concatenate([dataset_labels(part) for part in dataset.datasets])
+    logger.warning("dataset %s exposes no labels; reading every item once to index classes",
+                   type(dataset).__name__)
+    return np.asarray([int(dataset[i][1]) for i in range(len(dataset))], dtype=np.int64)  # type: ignore[arg-type]
+
+
+def _as_int_array(values: Any) -> np.ndarray:
+    if isinstance(values, Tensor):
+        values = values.detach().cpu().numpy()
+    return np.asarray(values, dtype=np.int64).reshape(-1)

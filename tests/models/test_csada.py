@@ -1,0 +1,148 @@
+"""CSADA: pair sampling follows c~, the stochastic weight is unbiased, and both algorithms train."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset, TensorDataset
+
+from models.costs import CostMatrix
+from models.csada import CsadaConfig, CsadaMethod, PairSampler, dataset_labels
+from models.methods import create_method
+
+CLASSES = ("a", "b", "c")
+
+
+def cost_matrix() -> CostMatrix:
+    return CostMatrix.from_pairs(CLASSES, {("a", "b"): 5.0, ("c", "a"): 2.0, ("b", "c"): 0.0})
+
+
+def toy_data(seed: int = 0, per_class: tuple[int, ...] = (6, 10, 4)) -> TensorDataset:
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.tensor([[0.0, 2.0], [2.0, -1.0], [-2.0, -1.0]])
+    xs, ys = [], []
+    for label, count in enumerate(per_class):
+        xs.append(centres[label] + 0.8 * torch.randn(count, 2, generator=generator))
+        ys.append(torch.full((count,), label))
+    return TensorDataset(torch.cat(xs), torch.cat(ys))
+
+
+def mlp(seed: int = 0, data: TensorDataset | None = None) -> nn.Module:
+    """A small MLP, fitted to `data` for a few full-batch steps when given (so attacks have work to do)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 3))
+    if data is not None:
+        x, y = data.tensors
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+        for _ in range(100):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    return model.eval()
+
+
+def test_pair_frequencies_match_c_tilde() -> None:
+    tempered = cost_matrix().tempered(2.0)
+    labels = np.array([0] * 6 + [1] * 10 + [2] * 4)
+    sampler = PairSampler(tempered=tempered, labels=labels)
+    rng = np.random.default_rng(0)
+    draws = 20_000
+    counts = np.zeros_like(tempered)
+    for _ in range(draws):
+        a, b, _, indices = sampler.draw(rng, size=3)
+        counts[a, b] += 1
+        assert (labels[indices] == a).all()  # every step's draw comes from the pair's source class
+    assert np.abs(counts / draws - tempered).max() < 0.01
+    assert counts[1, 2] == 0 and np.trace(counts) == 0  # zero-cost pairs and the diagonal never come up
+
+
+def test_weight_is_the_source_share_and_unbiased() -> None:
+    tempered = cost_matrix().tempered(3.0)
+    labels = np.array([0] * 6 + [1] * 10 + [2] * 4)
+    sampler = PairSampler(tempered=tempered, labels=labels)
+    share = np.array([6, 10, 4]) / 20
+    positive = tempered > 0
+    assert np.allclose(sampler.weights[positive], np.broadcast_to(share[:, None], (3, 3))[positive])
+    # With a class absent from the training set, q renormalises and w compensates: E_q[w m] = sum c~ pi m.
+    labels_missing = np.array([0] * 6 + [1] * 10)
+    missing = PairSampler(tempered=tempered, labels=labels_missing)
+    m = np.random.default_rng(1).random((3, 3))
+    pi = np.array([6, 10, 0]) / 16
+    assert np.isclose((missing.probabilities * missing.weights * m).sum(), (tempered * pi[:, None] * m).sum())
+
+
+def test_stochastic_estimator_is_unbiased_for_the_full_objective() -> None:
+    """Sum over pairs of q(a,b) * (stochastic loss with the whole class a drawn) == the full Algorithm 2 loss."""
+    data = toy_data()
+    x, y = data.tensors
+    matrix = cost_matrix()
+    hyper = {"lam": 3.0, "eps": 0.7, "steps": 4, "step_size": 0.5, "tau": 1.0}
+    model = mlp(data=data)
+    full = create_method("csada", cost_matrix=matrix, stochastic=False, **hyper)
+    stochastic = create_method("csada", cost_matrix=matrix, stochastic=True, **hyper)
+    stochastic.setup(train_dataset=data)
+    assert isinstance(stochastic, CsadaMethod) and stochastic.sampler is not None
+    with torch.no_grad():
+        clean = torch.nn.functional.cross_entropy(model(x), y)
+    full_adversarial = float(full.compute_loss(model, x, y).loss.detach() - clean)
+    expected = 0.0
+    for (a, b), q in np.ndenumerate(stochastic.sampler.probabilities):
+        if q == 0:
+            continue
+        members = y == a
+        extra = (a, b, float(stochastic.sampler.weights[a, b]), x[members], y[members])
+        expected += q * float(stochastic.compute_loss(model, x, y, extra=extra).loss.detach() - clean)
+    assert full_adversarial > 0
+    assert expected == pytest.approx(full_adversarial, rel=1e-4)
+
+
+def test_epoch_stream_is_deterministic_and_always_has_an_attack() -> None:
+    data = toy_data()
+    method = create_method("csada", cost_matrix=cost_matrix(), attack_batch_size=5)
+    method.setup(train_dataset=data)
+    loader = DataLoader(data, batch_size=4)
+    first = list(method.epoch_stream(epoch=2, seed=7, steps=6, batch_size=4, loader=loader) or [])
+    again = list(method.epoch_stream(epoch=2, seed=7, steps=6, batch_size=4, loader=loader) or [])
+    other = list(method.epoch_stream(epoch=3, seed=7, steps=6, batch_size=4, loader=loader) or [])
+    assert len(first) == 6
+    for (a, b, weight, xa, ya), (a2, b2, _, xa2, _) in zip(first, again, strict=True):
+        assert (a, b) == (a2, b2) and torch.equal(xa, xa2)
+        assert xa.shape[0] == 5 and bool((ya == a).all()) and weight > 0 and a != b
+    assert any(not torch.equal(f[3], o[3]) for f, o in zip(first, other, strict=True))
+
+
+@pytest.mark.parametrize("stochastic", [True, False])
+def test_loss_reports_attack_success(stochastic: bool) -> None:
+    data = toy_data()
+    method = create_method("csada", cost_matrix=cost_matrix(), stochastic=stochastic, eps=3.0, steps=5,
+                           step_size=2.0, tau=1.0)
+    method.setup(train_dataset=data)
+    x, y = data.tensors
+    model = mlp(data=data)
+    extra = None
+    if stochastic:
+        extra = next(iter(method.epoch_stream(epoch=0, seed=0, steps=1, batch_size=8,
+                                              loader=DataLoader(data, batch_size=8)) or []))
+    output = method.compute_loss(model, x, y, extra=extra)
+    output.loss.backward()
+    assert output.attack is not None and output.attack.attacked > 0
+    assert 0.0 <= output.attack.success_rate <= 1.0 and output.attack.steps_run >= 1
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_config_validation_and_round_trip() -> None:
+    config = CsadaConfig.from_dict({"lam": 10, "eps": 10, "steps": 10, "step_size": 0.05, "clamp": [0, 1]})
+    assert config.clamp == (0.0, 1.0)
+    assert CsadaConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="unknown"):
+        CsadaConfig.from_dict({"lambda": 1})
+    with pytest.raises(ValueError):
+        CsadaConfig(norm="l1")  # type: ignore[arg-type]
+
+
+def test_dataset_labels_through_wrappers() -> None:
+    data = toy_data()
+    subset = Subset(data, [0, 7, 19])
+    assert dataset_labels(subset).tolist() == [0, 1, 2]
