@@ -90,7 +90,7 @@ class SynthConfig:
     blur: tuple[float, float] = (0.3, 1.1)
     noise: tuple[float, float] = (0.01, 0.035)
     lighting: float = 0.35
-    colour_cast: float = 0.04
+    colour_cast: float = 0.03
     tint: float = 0.025
     jpeg_quality: tuple[int, int] = (75, 92)
     min_per_split: int = 2

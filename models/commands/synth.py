@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -25,22 +26,45 @@ def register(group: Any) -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="rendering processes (default: CPU count)")
     parser.add_argument("--balanced", action="store_true", help="every class gets --per-class images (no imbalance)")
+    parser.add_argument("--set", action="append", default=[], metavar="KNOB=VALUE",
+                        help="override a SynthConfig knob, e.g. --set blur=0.5,1.5 --set tilt=0.3 (repeatable)")
     parser.set_defaults(func=handle)
+
+
+def parse_overrides(items: list[str]) -> Any:
+    """Build a SynthConfig from KNOB=VALUE strings ("a,b" gives a (low, high) pair)."""
+    from models.synth import SynthConfig
+
+    known = {f.name: f for f in dataclasses.fields(SynthConfig)}
+    changes: dict[str, Any] = {}
+    for item in items:
+        name, _, raw = item.partition("=")
+        if name not in known or not raw:
+            raise ValueError(f"--set {item!r}: expected KNOB=VALUE with KNOB one of {', '.join(known)}")
+        default = getattr(SynthConfig(), name)
+        cast = int if isinstance(default, int) or (isinstance(default, tuple) and isinstance(default[0], int)) else float
+        parts = tuple(cast(v) for v in raw.split(","))
+        if isinstance(default, tuple) != (len(parts) == 2) or len(parts) > 2:
+            raise ValueError(f"--set {item!r}: {name} takes {'LOW,HIGH' if isinstance(default, tuple) else 'one value'}")
+        changes[name] = parts if isinstance(default, tuple) else parts[0]
+    return SynthConfig(**changes)
 
 
 def _progress_printer() -> Any:
     start = time.perf_counter()
     last = [0.0]
+    tty = sys.stderr.isatty()
 
     def progress(done: int, total: int) -> None:
         now = time.perf_counter()
-        if done != total and now - last[0] < 0.5:
+        if done != total and now - last[0] < (0.5 if tty else 10.0):
             return
         last[0] = now
         elapsed = now - start
         eta = elapsed / done * (total - done) if done else 0.0
-        sys.stderr.write(f"\rrendering {done}/{total} images, {elapsed:.0f}s elapsed, ETA {eta:.0f}s ")
-        if done == total:
+        line = f"rendering {done}/{total} images, {elapsed:.0f}s elapsed, ETA {eta:.0f}s"
+        sys.stderr.write(f"\r{line} " if tty else f"{line}\n")
+        if done == total and tty:
             sys.stderr.write("\n")
         sys.stderr.flush()
 
@@ -52,9 +76,11 @@ def handle(args: argparse.Namespace) -> int:
     from models.synth import SPLIT_NAMES, generate_synthetic_pills
 
     try:
+        config = parse_overrides(args.set)
         result = generate_synthetic_pills(
             args.out, per_class=args.per_class, image_size=args.image_size, seed=args.seed,
-            imbalance=not args.balanced, workers=max(1, args.workers), progress=_progress_printer(),
+            imbalance=not args.balanced, config=config, workers=max(1, args.workers),
+            progress=_progress_printer(),
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

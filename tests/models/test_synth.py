@@ -125,3 +125,11 @@ def test_cli_writes_dataset_and_prints_summary(tmp_path: Path, capsys: pytest.Ca
     bad = parser.parse_args(["synth", "--out", str(out), "--per-class", "6", "--seed", "4"])
     assert bad.func(bad) == 2
     assert "other parameters" in capsys.readouterr().err
+    knobs = parser.parse_args(["synth", "--out", str(tmp_path / "knobs"), "--per-class", "6", "--image-size", "24",
+                               "--workers", "1", "--set", "blur=0,0", "--set", "tilt=0.1"])
+    assert knobs.func(knobs) == 0
+    params = json.loads((tmp_path / "knobs" / "manifest.json").read_text())["params"]["config"]
+    assert params["blur"] == [0.0, 0.0] and params["tilt"] == 0.1
+    unknown = parser.parse_args(["synth", "--out", str(tmp_path / "x"), "--set", "sharpness=2"])
+    assert unknown.func(unknown) == 2
+    assert "KNOB=VALUE" in capsys.readouterr().err
