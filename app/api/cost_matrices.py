@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from sqlalchemy.orm import Session
 
 from app.api.deps import PharmacistActor, SessionDep, SettingsDep
@@ -77,19 +77,28 @@ def create_version(body: CostMatrixCreate, actor: PharmacistActor, session: Sess
     return _read(session, version)
 
 
-@router.post("/import", response_model=CostMatrixRead, status_code=201, responses=problem_responses(409, 415))
-def import_csv(request: Request, actor: PharmacistActor, session: SessionDep, settings: SettingsDep,
-               response: Response, reason: Annotated[str, Query(min_length=1, max_length=2000)],
-               csv_text: Annotated[bytes, Body(media_type="text/csv", description="true_ndc,predicted_ndc,cost")],
-               parent_version: int | None = None) -> CostMatrixRead:
-    """Create a version holding exactly the CSV's costs (unlisted pairs cost 1); same parent rule as POST."""
+async def csv_body(request: Request) -> str:
+    """The raw body as UTF-8 text; 415 unless it is sent as CSV (or plain text)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type not in CSV_MEDIA_TYPES:
         raise UnsupportedMediaType(f"send the CSV as text/csv, not {content_type or 'no content type'}")
     try:
-        text = csv_text.decode("utf-8")
+        return (await request.body()).decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidInput("the CSV is not UTF-8 text", errors=[FieldError("body", str(exc), "encoding")]) from exc
+
+
+_CSV_REQUEST_BODY = {"requestBody": {"required": True, "content": {"text/csv": {"schema": {
+    "type": "string", "example": "true_ndc,predicted_ndc,cost\n50111-0434,00591-0461,10\n"}}}}}
+
+
+@router.post("/import", response_model=CostMatrixRead, status_code=201, responses=problem_responses(409, 415),
+             openapi_extra=_CSV_REQUEST_BODY)
+def import_csv(actor: PharmacistActor, session: SessionDep, settings: SettingsDep, response: Response,
+               text: Annotated[str, Depends(csv_body)],
+               reason: Annotated[str, Query(min_length=1, max_length=2000)],
+               parent_version: int | None = None) -> CostMatrixRead:
+    """Create a version holding exactly the CSV's costs (unlisted pairs cost 1); same parent rule as POST."""
     version = service.import_csv(session, parent_version=parent_version, reason=reason, text=text, actor=actor,
                                  max_cost=settings.max_cost)
     response.headers["Location"] = f"{router.prefix}/{version.id}"

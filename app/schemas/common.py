@@ -8,9 +8,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class RequestModel(BaseModel):
-    """Base of request bodies: unknown fields are an error, and strings are never coerced to numbers."""
+    """Base of request bodies: unknown fields are an error. Numbers and booleans are declared strict
+    (`Field(strict=True)`), so `"5"` or `"yes"` is a type error rather than silently coerced."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, str_strip_whitespace=True)
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
 
 class ReadModel(BaseModel):

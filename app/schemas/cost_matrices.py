@@ -16,13 +16,13 @@ class CostChange(RequestModel):
 
     true_ndc: str = NdcText
     predicted_ndc: str = NdcText
-    cost: float = Field(description="Finite, >= 0, <= the configured maximum; 0 on the diagonal; 1 = default.")
+    cost: float = Field(strict=True, description="Finite, >= 0, <= the configured maximum; 0 on the diagonal; 1 = default.")
 
 
 class CostMatrixCreate(RequestModel):
     """A new version: the parent's costs with `changes` applied. `parent_version` must be the newest version."""
 
-    parent_version: int | None = Field(description="The version these changes were made on (null only for the first).")
+    parent_version: int | None = Field(strict=True, description="The version these changes were made on (null only for the first).")
     reason: str = Field(min_length=1, max_length=2000)
     changes: list[CostChange] = Field(min_length=1, max_length=10_000)
 

@@ -20,8 +20,8 @@ class ProductCreate(RequestModel):
     shape: str = Field(min_length=1, max_length=40)
     colour: str = Field(min_length=1, max_length=40)
     imprint: list[str] = Field(default_factory=list, max_length=10, description="One string per side.")
-    size_mm: float | None = Field(default=None, gt=0, le=100, allow_inf_nan=False)
-    active: bool = True
+    size_mm: float | None = Field(default=None, gt=0, le=100, allow_inf_nan=False, strict=True)
+    active: bool = Field(default=True, strict=True)
     reason: str | None = Field(default=None, max_length=2000)
 
 
@@ -32,8 +32,8 @@ class ProductUpdate(RequestModel):
     shape: str | None = Field(default=None, min_length=1, max_length=40)
     colour: str | None = Field(default=None, min_length=1, max_length=40)
     imprint: list[str] | None = Field(default=None, max_length=10)
-    size_mm: float | None = Field(default=None, gt=0, le=100, allow_inf_nan=False)
-    active: bool | None = None
+    size_mm: float | None = Field(default=None, gt=0, le=100, allow_inf_nan=False, strict=True)
+    active: bool | None = Field(default=None, strict=True)
     reason: str | None = Field(default=None, max_length=2000)
 
     @model_validator(mode="after")

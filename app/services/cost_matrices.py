@@ -222,7 +222,8 @@ def _insert_version(session: Session, *, parent: CostMatrixVersion | None, costs
     if parent is not None and costs == parent_costs and default == parent.default_cost:
         raise InvalidInput("the changes leave the matrix identical to its parent", slug="no-change",
                            errors=[FieldError("changes", "no cost differs from the parent", "no_change")])
-    version = CostMatrixVersion(parent_id=parent.id if parent else None, author=actor.name, author_key_id=actor.key_id,
+    parent_id = parent.id if parent is not None else None  # read now: a failed flush expires the instance
+    version = CostMatrixVersion(parent_id=parent_id, author=actor.name, author_key_id=actor.key_id,
                                 reason=reason, default_cost=default, entries_sha256=entries_sha256(costs, default=default))
     version.entries = [CostMatrixEntry(true_ndc=t, predicted_ndc=p, cost=c) for (t, p), c in sorted(costs.items())]
     session.add(version)
@@ -231,9 +232,9 @@ def _insert_version(session: Session, *, parent: CostMatrixVersion | None, costs
     except IntegrityError as exc:
         # The unique index on parent_id is the arbiter when two edits of one parent race.
         if "parent_id" in str(exc.orig):
-            raise Conflict(f"parent_version {parent.id if parent else None} is stale: another edit of it "
+            raise Conflict(f"parent_version {parent_id} is stale: another edit of it "
                            "committed first; re-read the newest version", slug="stale-parent", title="Stale parent version",
-                           extra={"parent_version": parent.id if parent else None}) from exc
+                           extra={"parent_version": parent_id}) from exc
         raise
     changed = [{"true_ndc": t, "predicted_ndc": p, "from": parent_costs.get((t, p), default),
                 "to": costs.get((t, p), default)}

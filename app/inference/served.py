@@ -1,0 +1,73 @@
+"""The served-model bundle: an immutable (model, metadata, preset, policy, version, device) unit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from app.inference.images import ImageLimits, decode_image
+from models.checkpoint import CheckpointMetadata, load_checkpoint
+from models.decision import VerdictPolicy
+from models.transforms import EvalPreset
+
+
+class ModelLoadError(RuntimeError):
+    """A checkpoint failed to load or to warm up; the previous model (if any) keeps serving."""
+
+
+@dataclass(frozen=True, eq=False)
+class ServedModel:
+    """An immutable bundle: a model in eval mode with everything needed to preprocess for it and read it."""
+
+    model: nn.Module = field(repr=False)
+    metadata: CheckpointMetadata = field(repr=False)
+    preset: EvalPreset
+    version: str
+    device: torch.device
+    weights_sha256: str
+    policy: VerdictPolicy | None = field(repr=False)
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """The model's output classes (product NDCs), in output order."""
+        return self.metadata.classes
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """The (C, H, W) shape the preset produces and the model expects."""
+        size = self.preset.image_size
+        return (self.metadata.in_channels, size, size)
+
+    def preprocess(self, data: bytes, *, limits: ImageLimits) -> torch.Tensor:
+        """Decode an upload (JPEG draft sized for this preset) and apply this model's EvalPreset."""
+        image = decode_image(data, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels,
+                             allowed_formats=limits.allowed_formats, draft_size=self.preset.draft_request)
+        return self.preset(image)
+
+
+@dataclass(frozen=True, eq=False)
+class Prediction:
+    """Calibrated probabilities of one request, with the version (and bundle) that produced them."""
+
+    probs: np.ndarray
+    model_version: str
+    classes: tuple[str, ...]
+    served: ServedModel = field(repr=False)
+
+
+def load_served_model(checkpoint_dir: str | Path, *, version: str, device: torch.device) -> ServedModel:
+    """Load a checkpoint into a bundle (blocking: run it in a thread)."""
+    loaded = load_checkpoint(checkpoint_dir, device=device)
+    metadata = loaded.metadata
+    policy = VerdictPolicy.from_dict(metadata.decision) if metadata.decision else None
+    if policy is not None and policy.classes != metadata.classes:
+        raise ModelLoadError(f"{checkpoint_dir}: the stored verdict policy names other classes than the model")
+    preset = EvalPreset.from_metadata(metadata)
+    preset(Image.new("RGB", (preset.image_size + 7, preset.image_size), (128, 128, 128)))  # first-call costs
+    return ServedModel(model=loaded.model, metadata=metadata, preset=preset, version=version, device=device,
+                       weights_sha256=loaded.weights_sha256, policy=policy)

@@ -1,0 +1,147 @@
+"""Auth: 401 for a missing, unknown or revoked key; 403 for the wrong role; every role on every endpoint."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from app.orm import AdminAuditEntry, Role
+from tests.app.factories import FURO, GLIP, change, count_rows, create_key, edit
+from tests.conftest import ApiEnv
+
+PROBLEM = "application/problem+json"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One route, the least role allowed on it, and a request that succeeds for that role."""
+
+    method: str
+    path: str
+    minimum: Role
+    json: Any = None
+    content: str | None = None
+    content_type: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.method} {self.path.split('?')[0]}"
+
+
+ENDPOINTS = [
+    Endpoint("GET", "/v1/products", Role.CLIENT),
+    Endpoint("GET", "/v1/products/0378-0208-01", Role.CLIENT),
+    Endpoint("POST", "/v1/admin/products", Role.PHARMACIST,
+             json={"ndc": "12345-6789", "name": "Test 1 MG", "shape": "Round", "colour": "White", "imprint": ["T"]}),
+    Endpoint("PATCH", f"/v1/admin/products/{FURO}", Role.PHARMACIST, json={"active": False, "reason": "test"}),
+    Endpoint("GET", "/v1/admin/cost-matrices", Role.PHARMACIST),
+    Endpoint("GET", "/v1/admin/cost-matrices/active", Role.PHARMACIST),
+    Endpoint("GET", "/v1/admin/cost-matrices/1", Role.PHARMACIST),
+    Endpoint("POST", "/v1/admin/cost-matrices", Role.PHARMACIST, json=edit(1, change(FURO, GLIP, 3))),
+    Endpoint("POST", "/v1/admin/cost-matrices/import?parent_version=1&reason=csv", Role.PHARMACIST,
+             content=f"true_ndc,predicted_ndc,cost\n{FURO},{GLIP},4\n", content_type="text/csv"),
+    Endpoint("GET", "/v1/admin/cost-matrices/diff?from=1&to=active", Role.PHARMACIST),
+    Endpoint("GET", "/v1/admin/cost-matrices/1/csv", Role.PHARMACIST),
+    Endpoint("POST", "/v1/admin/cost-matrices/1/activate", Role.PHARMACIST, json={"reason": "test"}),
+    Endpoint("GET", "/v1/admin/audit-log", Role.PHARMACIST),
+    Endpoint("GET", "/v1/admin/api-keys", Role.ADMIN),
+    Endpoint("POST", "/v1/admin/api-keys", Role.ADMIN, json={"name": "new client", "role": "client"}),
+    Endpoint("POST", "/v1/admin/api-keys/{spare}/revoke", Role.ADMIN, json={"reason": "test"}),
+]
+
+
+def call(env: ApiEnv, endpoint: Endpoint, headers: dict[str, str]) -> Any:
+    """Send the endpoint's request (the spare key id is filled in for the revoke route)."""
+    path = endpoint.path.replace("{spare}", str(len(Role) + 1))
+    if endpoint.content_type:
+        headers = {**headers, "Content-Type": endpoint.content_type}
+    return env.client.request(endpoint.method, path, json=endpoint.json, content=endpoint.content,
+                              headers=headers)
+
+
+@pytest.fixture
+def role_env(env: ApiEnv) -> ApiEnv:
+    """The env plus a spare key (id = number of roles + 1) for the revoke route."""
+    create_key(env.settings, Role.CLIENT, "spare")
+    return env
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS, ids=str)
+@pytest.mark.parametrize("role", list(Role), ids=lambda r: r.value)
+def test_each_role_on_each_endpoint(role_env: ApiEnv, endpoint: Endpoint, role: Role) -> None:
+    audit_before = count_rows(role_env.settings, AdminAuditEntry)
+    response = call(role_env, endpoint, role_env.as_role(role))
+    if role.includes(endpoint.minimum):
+        assert response.status_code in (200, 201), response.text
+    else:
+        assert response.status_code == 403, response.text
+        assert response.headers["content-type"] == PROBLEM
+        body = response.json()
+        assert body["type"].endswith("/forbidden") and body["required_role"] == endpoint.minimum.value
+        assert count_rows(role_env.settings, AdminAuditEntry) == audit_before
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS, ids=str)
+@pytest.mark.parametrize("credential", ["missing", "unknown", "malformed", "revoked"])
+def test_unauthenticated_requests_get_401(role_env: ApiEnv, endpoint: Endpoint, credential: str) -> None:
+    if credential == "missing":
+        headers: dict[str, str] = {}
+    elif credential == "unknown":
+        token = role_env.keys[Role.ADMIN]
+        headers = {"X-API-Key": token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")}
+    elif credential == "malformed":
+        headers = {"X-API-Key": "not-a-key"}
+    else:
+        token = create_key(role_env.settings, Role.ADMIN, "to revoke")
+        revoked = role_env.client.get("/v1/admin/api-keys", headers=role_env.as_role(Role.ADMIN)).json()[-1]
+        assert role_env.client.post(f"/v1/admin/api-keys/{revoked['id']}/revoke",
+                                    headers=role_env.as_role(Role.ADMIN)).status_code == 200
+        headers = {"X-API-Key": token}
+    response = call(role_env, endpoint, headers)
+    assert response.status_code == 401, response.text
+    assert response.headers["content-type"] == PROBLEM
+    assert response.headers["www-authenticate"].startswith("ApiKey")
+    body = response.json()
+    assert body["status"] == 401 and body["title"] and body["detail"]
+    expected = {"missing": "missing-api-key", "unknown": "invalid-api-key", "malformed": "invalid-api-key",
+                "revoked": "revoked-api-key"}[credential]
+    assert body["type"].endswith("/" + expected)
+
+
+def test_keys_are_stored_only_as_hashes(env: ApiEnv) -> None:
+    from sqlalchemy import select
+
+    from app.db import Database
+    from app.orm import ApiKey
+    from app.services.api_keys import hash_token
+
+    database = Database(env.settings)
+    try:
+        with database.session() as session:
+            stored = {k.key_sha256: k for k in session.scalars(select(ApiKey))}
+    finally:
+        database.dispose()
+    for token in env.keys.values():
+        assert hash_token(token) in stored
+        assert all(token not in (k.key_sha256, k.prefix, k.name) for k in stored.values())
+
+
+def test_admin_key_api_creates_lists_and_revokes(env: ApiEnv) -> None:
+    admin = env.as_role(Role.ADMIN)
+    created = env.client.post("/v1/admin/api-keys", json={"name": "pharmacy 7", "role": "client"}, headers=admin)
+    assert created.status_code == 201 and created.headers["location"].endswith(f"/{created.json()['id']}")
+    token = created.json()["key"]
+    assert env.client.get("/v1/products", headers={"X-API-Key": token}).status_code == 200
+    listed = env.client.get("/v1/admin/api-keys", headers=admin).json()
+    assert all("key" not in item and "key_sha256" not in item for item in listed)
+    revoked = env.client.post(f"/v1/admin/api-keys/{created.json()['id']}/revoke", headers=admin)
+    assert revoked.status_code == 200 and revoked.json()["revoked_at"]
+    assert env.client.get("/v1/products", headers={"X-API-Key": token}).status_code == 401
+    again = env.client.post(f"/v1/admin/api-keys/{created.json()['id']}/revoke", headers=admin)
+    assert again.status_code == 409 and again.json()["type"].endswith("/api-key-revoked")
+    assert env.client.post("/v1/admin/api-keys/999/revoke", headers=admin).status_code == 404
+    bad_role = env.client.post("/v1/admin/api-keys", json={"name": "x", "role": "root"}, headers=admin)
+    assert bad_role.status_code == 422 and bad_role.json()["errors"][0]["field"] == "role"
+    actions = [e["action"] for e in env.client.get("/v1/admin/audit-log", headers=admin).json()["items"]]
+    assert actions[:2] == ["api_key.revoke", "api_key.create"]

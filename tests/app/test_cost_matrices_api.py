@@ -1,0 +1,114 @@
+"""Cost-matrix versions over HTTP: create from a parent, read, activate, CSV, diff, audit (both databases)."""
+
+from __future__ import annotations
+
+from app.db import Database
+from app.services.cost_matrices import cost_matrix_of
+from models.costs import CostMatrix
+from models.pmi import PMI_EXPERT_COSTS, PMI_NDCS
+from tests.app.factories import FURO, GLIP, TRAZ, change, edit
+from tests.conftest import ApiEnv
+
+BASE = "/v1/admin/cost-matrices"
+
+
+def test_seeded_version_is_the_pmi_expert_matrix(any_env: ApiEnv) -> None:
+    active = any_env.client.get(f"{BASE}/active", headers=any_env.as_role("pharmacist")).json()
+    assert active["version"] == 1 and active["active"] and active["parent_version"] is None
+    assert {(e["true_ndc"], e["predicted_ndc"]): e["cost"] for e in active["entries"]} == PMI_EXPERT_COSTS
+    database = Database(any_env.settings)
+    try:
+        with database.session() as session:
+            matrix = cost_matrix_of(session, "active", classes=PMI_NDCS)
+    finally:
+        database.dispose()
+    assert matrix == CostMatrix.from_pairs(PMI_NDCS, PMI_EXPERT_COSTS)
+
+
+def test_pharmacist_creates_diffs_exports_and_activates(any_env: ApiEnv) -> None:
+    client, pharmacist = any_env.client, any_env.as_role("pharmacist")
+    body = edit(1, change("0378-0208-01", GLIP, 7.5), change(TRAZ, GLIP, 1), reason="glipizide risk")
+    created = client.post(BASE, json=body, headers=pharmacist)
+    assert created.status_code == 201, created.text
+    version = created.json()
+    assert created.headers["location"] == f"{BASE}/{version['version']}"
+    assert (version["version"], version["parent_version"], version["active"]) == (2, 1, False)
+    assert version["author"] == "test pharmacist" and version["reason"] == "glipizide risk"
+    cells = {(e["true_ndc"], e["predicted_ndc"]): e["cost"] for e in version["entries"]}
+    assert cells[(FURO, GLIP)] == 7.5 and (TRAZ, GLIP) not in cells  # cost 1 is the default: no entry
+
+    diff = client.get(f"{BASE}/diff", params={"from": 1, "to": 2}, headers=pharmacist).json()
+    assert diff == {"from_version": 1, "to_version": 2, "changes": [
+        {"true_ndc": FURO, "predicted_ndc": GLIP, "from_cost": 1.0, "to_cost": 7.5},
+        {"true_ndc": TRAZ, "predicted_ndc": GLIP, "from_cost": 10.0, "to_cost": 1.0}]}
+
+    exported = client.get(f"{BASE}/2/csv", headers=pharmacist)
+    assert exported.status_code == 200 and exported.headers["content-type"].startswith("text/csv")
+    lines = exported.text.strip().splitlines()
+    assert lines[0] == "true_ndc,predicted_ndc,cost" and f"{FURO},{GLIP},7.5" in lines and len(lines) == 5
+
+    activated = client.post(f"{BASE}/2/activate", json={"reason": "reviewed"}, headers=pharmacist)
+    assert activated.status_code == 200 and activated.json()["active"]
+    assert client.get(f"{BASE}/active", headers=pharmacist).json()["version"] == 2
+    listing = client.get(BASE, headers=pharmacist).json()
+    assert [(v["version"], v["active"], v["entry_count"]) for v in listing] == [(1, False, 4), (2, True, 4)]
+
+    audit = client.get("/v1/admin/audit-log", headers=pharmacist).json()["items"]
+    assert [e["action"] for e in audit[:2]] == ["cost_matrix.activate", "cost_matrix.create"]
+    assert audit[0]["actor"] == "test pharmacist" and audit[0]["reason"] == "reviewed"
+    assert audit[0]["details"] == {"from_version": 1, "to_version": 2}
+    assert audit[1]["reason"] == "glipizide risk" and len(audit[1]["details"]["changes"]) == 2
+
+
+def test_client_cannot_touch_cost_matrices(any_env: ApiEnv) -> None:
+    client, key = any_env.client, any_env.as_role("client")
+    assert client.get(f"{BASE}/active", headers=key).status_code == 403
+    assert client.post(BASE, json=edit(1, change(FURO, GLIP, 2)), headers=key).status_code == 403
+    assert client.post(f"{BASE}/1/activate", headers=key).status_code == 403
+
+
+def test_csv_import_replaces_the_whole_matrix(any_env: ApiEnv) -> None:
+    client, pharmacist = any_env.client, any_env.as_role("pharmacist")
+    csv_headers = {**pharmacist, "Content-Type": "text/csv"}
+    exported = client.get(f"{BASE}/1/csv", headers=pharmacist).text
+    same = client.post(f"{BASE}/import", params={"parent_version": 1, "reason": "same"}, content=exported,
+                       headers=csv_headers)
+    assert same.status_code == 422 and same.json()["type"].endswith("/no-change")
+    edited = "\ufefftrue_ndc,predicted_ndc,cost\n" + f"{FURO},{GLIP},3\n{GLIP},{FURO},2.5\n"
+    imported = client.post(f"{BASE}/import", params={"parent_version": 1, "reason": "from excel"},
+                           content=edited.encode(), headers=csv_headers)
+    assert imported.status_code == 201, imported.text
+    cells = {(e["true_ndc"], e["predicted_ndc"]): e["cost"] for e in imported.json()["entries"]}
+    assert cells == {(FURO, GLIP): 3.0, (GLIP, FURO): 2.5}  # unlisted pairs, the old critical ones too, cost 1
+    diff = client.get(f"{BASE}/diff", params={"from": "active", "to": 2}, headers=pharmacist).json()["changes"]
+    assert len(diff) == 6
+    audit = client.get("/v1/admin/audit-log", params={"action": "cost_matrix.import_csv"}, headers=pharmacist)
+    assert audit.json()["items"][0]["entity_id"] == "2"
+
+
+def test_versions_can_be_rolled_back_by_activation(any_env: ApiEnv) -> None:
+    client, pharmacist = any_env.client, any_env.as_role("pharmacist")
+    assert client.post(BASE, json=edit(1, change(FURO, GLIP, 2)), headers=pharmacist).status_code == 201
+    assert client.post(f"{BASE}/2/activate", headers=pharmacist).status_code == 200
+    again = client.post(f"{BASE}/1/activate", headers=pharmacist)
+    assert again.status_code == 200 and again.json()["version"] == 1 and again.json()["active"]
+    next_edit = client.post(BASE, json=edit(2, change(FURO, GLIP, 4)), headers=pharmacist)
+    assert next_edit.status_code == 201 and next_edit.json()["parent_version"] == 2
+
+
+def test_reading_unknown_or_bad_versions(any_env: ApiEnv) -> None:
+    client, pharmacist = any_env.client, any_env.as_role("pharmacist")
+    missing = client.get(f"{BASE}/99", headers=pharmacist)
+    assert missing.status_code == 404 and missing.json()["type"].endswith("/cost-matrix-not-found")
+    bad = client.get(f"{BASE}/latest", headers=pharmacist)
+    assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "path.version"
+    assert client.post(f"{BASE}/99/activate", headers=pharmacist).status_code == 404
+    assert client.get(f"{BASE}/99/csv", headers=pharmacist).status_code == 404
+    assert client.get(f"{BASE}/diff", params={"from": 1, "to": 99}, headers=pharmacist).status_code == 404
+
+
+def test_bare_ten_digit_ndcs_are_resolved_in_changes(env: ApiEnv) -> None:
+    created = env.client.post(BASE, json=edit(1, change("0378020801", "00591046101", 6)),
+                              headers=env.as_role("pharmacist"))
+    assert created.status_code == 201, created.text
+    assert {"true_ndc": FURO, "predicted_ndc": GLIP, "cost": 6.0} in created.json()["entries"]
