@@ -26,6 +26,7 @@ class Settings(BaseSettings):
     result_backend: str = Field(default="", description="Celery results; default db+sqlite:///<data_dir>/results.sqlite.")
     redis_url: str | None = Field(default=None, description="Redis for 'model promoted' pub/sub; unset = poll only.")
     notification_channel: str = "rxverify:model-promoted"
+    redis_key_prefix: str = Field(default="", description="Prefix for every Celery key in Redis (shared Redis).")
     db_pool_size: int = Field(default=5, ge=1)
     db_max_overflow: int = Field(default=10, ge=0)
     db_busy_timeout_ms: int = Field(default=5000, ge=0, description="SQLite lock wait before 'database is locked'.")

@@ -15,7 +15,7 @@ request_id_var: ContextVar[str | None] = ContextVar("rxverify_request_id", defau
 
 # Attributes every LogRecord has; anything else was passed through `extra=` and is logged as a field.
 _STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys()) | {
-    "message", "asctime", "request_id", "taskName"}
+    "message", "asctime", "request_id", "taskName", "color_message"}
 _HANDLER_NAME = "rxverify"
 
 

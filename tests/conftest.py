@@ -32,6 +32,11 @@ POSTGRES_ADMIN_URL = os.environ.get("TEST_POSTGRES_ADMIN_URL", "postgresql+psyco
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Starlette's TestClient warns that it prefers httpx2; the test client still works on httpx."""
+    config.addinivalue_line("filterwarnings", "ignore:Using `httpx` with `starlette.testclient`")
+
+
 def in_ci() -> bool:
     """True when the CI variable is set to something truthy (then missing services are failures)."""
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
@@ -174,7 +179,7 @@ def pg_session(pg_settings: Settings) -> Iterator[Any]:
         engine.dispose()
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def db_settings(request: pytest.FixtureRequest) -> Settings:
     """The same test on embedded SQLite and on PostgreSQL."""
     fixture = "sqlite_settings" if request.param == "sqlite" else "pg_settings"

@@ -34,12 +34,19 @@ def _existing_task_modules() -> list[str]:
     return found
 
 
+def _is_redis(url: str) -> bool:
+    return url.startswith(("redis://", "rediss://", "redis+socket://"))
+
+
 def create_celery_app(settings: Settings | None = None) -> Celery:
     """A Celery app for `settings` (default: the environment's)."""
     settings = settings or get_settings()
     app = Celery("rxverify", broker=settings.broker_url, backend=settings.result_backend,
                  include=_existing_task_modules())
-    transport_options = {"visibility_timeout": settings.broker_visibility_timeout_s}
+    redis_options: dict[str, object] = {"visibility_timeout": settings.broker_visibility_timeout_s}
+    if settings.redis_key_prefix:
+        # Lets several deployments (or test sessions) share one Redis without seeing each other's queues.
+        redis_options["global_keyprefix"] = settings.redis_key_prefix
     app.conf.update(
         task_serializer="json",
         result_serializer="json",
@@ -56,9 +63,11 @@ def create_celery_app(settings: Settings | None = None) -> Celery:
         worker_prefetch_multiplier=1,
         task_soft_time_limit=settings.task_soft_time_limit_s,
         task_time_limit=settings.task_time_limit_s,
-        # Redis redelivers unacknowledged messages after this; it must outlast the hard time limit.
-        broker_transport_options=transport_options,
-        result_backend_transport_options=dict(transport_options),
+        # Redis redelivers unacknowledged messages after the visibility timeout, so it must outlast the
+        # hard time limit. The SQLAlchemy transport and result backend pass these options to
+        # create_engine(), so they get none.
+        broker_transport_options=dict(redis_options) if _is_redis(settings.broker_url) else {},
+        result_backend_transport_options=dict(redis_options) if _is_redis(settings.result_backend) else {},
         broker_connection_retry_on_startup=True,
         worker_max_tasks_per_child=settings.worker_max_tasks_per_child,
         worker_hijack_root_logger=False,

@@ -70,8 +70,9 @@ def test_bad_edits_are_refused_and_write_nothing(any_env: ApiEnv, body: dict[str
                                           ("1e999", "inf")])
 def test_non_finite_costs_point_at_the_cell(any_env: ApiEnv, raw: str, what: str) -> None:
     before = _state(any_env)
-    payload = ('{"parent_version": 1, "reason": "x", "changes": [{"true_ndc": "%s", "predicted_ndc": "%s", '
-               '"cost": 2}, {"true_ndc": "%s", "predicted_ndc": "%s", "cost": %s}]}' % (FURO, GLIP, GLIP, FURO, raw))
+    # Python's json module reads NaN and Infinity literals, so they reach validation as floats.
+    payload = (f'{{"parent_version": 1, "reason": "x", "changes": [{{"true_ndc": "{FURO}", "predicted_ndc": "{GLIP}", '
+               f'"cost": 2}}, {{"true_ndc": "{GLIP}", "predicted_ndc": "{FURO}", "cost": {raw}}}]}}')
     response = any_env.client.post(BASE, content=payload, headers={**any_env.as_role("pharmacist"),
                                                                    "Content-Type": "application/json"})
     body = _assert_problem(response, 422, "invalid-cost-matrix", "changes[1].cost")

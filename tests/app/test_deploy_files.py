@@ -1,0 +1,93 @@
+"""docker-compose.yml and Dockerfile, checked by parsing (no Docker engine runs here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from app.config import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    return data
+
+
+def _command(service: dict[str, Any]) -> str:
+    command = service["command"]
+    return " ".join(command) if isinstance(command, list) else str(command)
+
+
+def test_services_and_dependencies(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert set(services) == {"postgres", "redis", "migrate", "api", "worker"}
+    assert services["migrate"]["depends_on"] == {"postgres": {"condition": "service_healthy"}}
+    assert services["migrate"]["restart"] == "no"
+    for name in ("api", "worker"):
+        assert services[name]["depends_on"] == {"migrate": {"condition": "service_completed_successfully"},
+                                                "postgres": {"condition": "service_healthy"},
+                                                "redis": {"condition": "service_healthy"}}
+
+
+def test_healthchecks(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert "pg_isready" in " ".join(services["postgres"]["healthcheck"]["test"])
+    assert services["redis"]["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    assert "/healthz" in " ".join(services["api"]["healthcheck"]["test"])
+    assert "inspect ping" in " ".join(services["worker"]["healthcheck"]["test"])
+
+
+def test_commands(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert "rxverify migrate" in _command(services["migrate"])
+    assert "rxverify catalog seed-pmi" in _command(services["migrate"])
+    assert services["api"]["command"] == ["rxverify", "serve", "--host", "0.0.0.0", "--port", "8000"]
+    assert services["api"]["ports"] == ["8000:8000"]
+    worker = _command(services["worker"])
+    assert worker.startswith("rxverify worker") and "--pool solo" in worker and "training" in worker
+
+
+def test_worker_reserves_a_gpu(compose: dict[str, Any]) -> None:
+    devices = compose["services"]["worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert compose["services"]["worker"]["environment"]["RXVERIFY_DEVICE"] == "cuda"
+
+
+def test_environment_wiring(compose: dict[str, Any], tmp_path: Path) -> None:
+    services = compose["services"]
+    postgres = services["postgres"]["environment"]
+    expected_db = (f"postgresql+psycopg://{postgres['POSTGRES_USER']}:{postgres['POSTGRES_PASSWORD']}"
+                   f"@postgres:5432/{postgres['POSTGRES_DB']}")
+    for name in ("migrate", "api", "worker"):
+        env = services[name]["environment"]
+        assert env["RXVERIFY_DATABASE_URL"] == expected_db
+        assert env["RXVERIFY_BROKER_URL"].startswith("redis://redis:6379/")
+        assert env["RXVERIFY_DATA_DIR"] == "/data" and env["RXVERIFY_LOG_FORMAT"] == "json"
+        assert "rxverify-data:/data" in services[name]["volumes"]
+        # Every variable is a real setting, and together they validate.
+        fields = {f"RXVERIFY_{name.upper()}" for name in Settings.model_fields}
+        assert set(env) <= fields
+        values = {key.removeprefix("RXVERIFY_").lower(): value for key, value in env.items()}
+        values["data_dir"] = tmp_path
+        Settings(**values)
+    assert {"rxverify-data", "postgres-data", "redis-data"} <= set(compose["volumes"])
+
+
+def test_dockerfile() -> None:
+    lines = [line.strip() for line in (ROOT / "Dockerfile").read_text().splitlines()
+             if line.strip() and not line.strip().startswith("#")]
+    assert lines[0] == "FROM python:3.11-slim"
+    text = "\n".join(lines)
+    assert "pip install -c constraints.txt" in text and "pip install --no-deps ." in text
+    users = [line for line in lines if line.startswith("USER ")]
+    assert users and users[-1] != "USER root"
+    assert "EXPOSE 8000" in lines and "HEALTHCHECK" in text and "/healthz" in text
+    assert lines[-1] == 'CMD ["rxverify", "serve", "--host", "0.0.0.0", "--port", "8000"]'
+    for path in ("app", "worker", "models", "migrations"):
+        assert f"COPY {path} ./{path}" in lines

@@ -1,0 +1,102 @@
+"""Every error is RFC 9457 problem+json: 404, 405, 413, malformed bodies, 500 and a lost database."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from fastapi import APIRouter
+
+from app.config import Settings
+from app.main import create_app
+from app.orm import CostMatrixVersion
+from tests.app.factories import FURO, GLIP, change, count_rows, edit
+from tests.conftest import ApiEnv
+
+PROBLEM = "application/problem+json"
+
+
+def _problem(response: Any, status: int, slug: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == PROBLEM
+    body: dict[str, Any] = response.json()
+    assert body["type"] == f"https://rxverify.dev/problems/{slug}"
+    assert body["status"] == status and body["title"] and body["detail"]
+    assert body["request_id"] == response.headers["x-request-id"]
+    return body
+
+
+def test_unknown_route_is_404(env: ApiEnv) -> None:
+    body = _problem(env.client.get("/v1/nothing-here"), 404, "not-found")
+    assert body["instance"] == "/v1/nothing-here"
+
+
+def test_wrong_method_is_405_with_allow(env: ApiEnv) -> None:
+    response = env.client.delete("/v1/products", headers=env.as_role("admin"))
+    _problem(response, 405, "method-not-allowed")
+    assert response.headers["allow"] == "GET"
+
+
+def test_empty_and_non_json_bodies(env: ApiEnv) -> None:
+    pharmacist = env.as_role("pharmacist")
+    empty = env.client.post("/v1/admin/cost-matrices", headers={**pharmacist, "Content-Type": "application/json"})
+    assert _problem(empty, 422, "validation-error")["errors"][0]["field"] == "body"
+    as_text = env.client.post("/v1/admin/cost-matrices", content="parent=1", headers={**pharmacist,
+                                                                                      "Content-Type": "text/plain"})
+    _problem(as_text, 422, "validation-error")
+    array = env.client.post("/v1/admin/cost-matrices", json=[1, 2], headers=pharmacist)
+    _problem(array, 422, "validation-error")
+
+
+def test_streamed_body_over_the_limit_is_413(sqlite_settings: Settings, make_client: Any, api_key: Any) -> None:
+    settings = sqlite_settings.model_copy(update={"max_request_body_bytes": 4096, "max_upload_bytes": 1024})
+    client = make_client(settings)
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the limit is enforced while reading
+        yield b'{"parent_version": 1, "reason": "'
+        for _ in range(20):
+            yield b"x" * 500
+        yield b'", "changes": []}'
+
+    response = client.post("/v1/admin/cost-matrices", content=chunks(),
+                           headers={"X-API-Key": api_key(settings, "pharmacist"), "Content-Type": "application/json"})
+    _problem(response, 413, "payload-too-large")
+    declared = client.post("/v1/admin/cost-matrices", content=b"x" * 5000,
+                           headers={"Content-Type": "application/json"})
+    _problem(declared, 413, "payload-too-large")
+    assert count_rows(settings, CostMatrixVersion) == 0
+
+
+def test_unhandled_error_is_a_500_problem_without_internals(sqlite_settings: Settings, make_client: Any) -> None:
+    app = create_app(sqlite_settings)
+    router = APIRouter()
+
+    @router.get("/boom")
+    def boom() -> None:
+        raise RuntimeError("secret internal detail")
+
+    app.include_router(router)
+    client = make_client(sqlite_settings, app=app, raise_server_exceptions=False)
+    response = client.get("/boom", headers={"X-Request-ID": "trace-me-123"})
+    body = _problem(response, 500, "internal-error")
+    assert "secret" not in response.text and body["request_id"] == "trace-me-123"
+
+
+def test_lost_database_is_503_and_not_ready(tmp_path: Any, make_client: Any) -> None:
+    settings = Settings(data_dir=tmp_path, database_url="postgresql+psycopg://nobody@127.0.0.1:1/none",
+                        readiness_timeout_s=1)
+    client = make_client(settings, raise_server_exceptions=False)
+    response = client.get("/v1/products", headers={"X-API-Key": "rxv_abc_def"})
+    assert _problem(response, 503, "database-unavailable") and response.headers["retry-after"] == "1"
+    ready = client.get("/readyz")
+    assert ready.status_code == 503 and ready.json()["database"]["ok"] is False
+    assert client.get("/healthz").status_code == 200  # liveness does not depend on the database
+
+
+def test_problem_details_name_the_fields(env: ApiEnv) -> None:
+    response = env.client.post("/v1/admin/cost-matrices", json=edit(1, change(FURO, GLIP, 2), change(GLIP, FURO, "x")),
+                               headers=env.as_role("pharmacist"))
+    body = _problem(response, 422, "validation-error")
+    assert body["errors"] == [{"field": "changes[1].cost", "message": "Input should be a valid number",
+                               "code": "float_type"}]
+    assert body["detail"].startswith("changes[1].cost:")

@@ -1,0 +1,107 @@
+"""Liveness, readiness (database, broker, model hook), Prometheus metrics, request ids and JSON logs."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import pytest
+
+from app.config import Settings
+from app.log import JsonFormatter, request_id_var
+from tests.conftest import ApiEnv
+
+
+def test_healthz(env: ApiEnv) -> None:
+    response = env.client.get("/healthz")
+    assert response.status_code == 200 and response.json() == {"status": "ok"}
+
+
+def test_readyz_embedded_mode_waits_for_a_model(env: ApiEnv) -> None:
+    response = env.client.get("/readyz")
+    body = response.json()
+    assert response.status_code == 503 and body["ready"] is False
+    assert body["database"]["ok"] and body["broker"]["ok"] and body["model_loaded"] is False
+    env.client.app.state.model_ready = lambda: True  # the inference engine's hook
+    ready = env.client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["ready"] is True and ready.json()["model_loaded"] is True
+
+
+def test_a_failing_model_hook_means_not_loaded(env: ApiEnv) -> None:
+    def broken() -> bool:
+        raise RuntimeError("engine gone")
+
+    env.client.app.state.model_ready = broken
+    assert env.client.get("/readyz").json()["model_loaded"] is False
+
+
+@pytest.mark.redis
+def test_readyz_with_the_real_redis_broker(sqlite_settings: Settings, redis_url: str, make_client: Any) -> None:
+    settings = sqlite_settings.model_copy(update={"broker_url": redis_url})
+    client = make_client(settings)
+    client.app.state.model_ready = True
+    body = client.get("/readyz").json()
+    assert body["broker"]["ok"] is True and body["ready"] is True
+
+
+def test_readyz_reports_an_unreachable_broker(sqlite_settings: Settings, make_client: Any) -> None:
+    settings = sqlite_settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0", "readiness_timeout_s": 1})
+    client = make_client(settings)
+    client.app.state.model_ready = True
+    response = client.get("/readyz")
+    assert response.status_code == 503 and response.json()["broker"]["ok"] is False
+    assert response.json()["broker"]["error"]
+
+
+def test_metrics_count_requests_by_route(env: ApiEnv) -> None:
+    env.client.get("/v1/products/00378-0208", headers=env.as_role("client"))
+    text = env.client.get("/metrics").text
+    assert "rxverify_http_request_duration_seconds_bucket" in text
+    assert 'rxverify_http_requests_total{method="GET",route="/v1/products/{ndc}",status="200"}' in text
+
+
+def test_request_id_is_taken_or_generated(env: ApiEnv, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="rxverify.access"):
+        given = env.client.get("/healthz", headers={"X-Request-ID": "abc-123"})
+    assert given.headers["x-request-id"] == "abc-123"
+    access = [r for r in caplog.records if r.name == "rxverify.access"]
+    assert access and getattr(access[-1], "request_id", None) == "abc-123"
+    assert getattr(access[-1], "status", None) == 200 and getattr(access[-1], "route", None) == "/healthz"
+    generated = env.client.get("/healthz").headers["x-request-id"]
+    assert len(generated) == 32
+    unsafe = env.client.get("/healthz", headers={"X-Request-ID": "evil\tvalue" + "x" * 200})
+    assert unsafe.headers["x-request-id"] != "evil\tvalue" + "x" * 200
+
+
+def test_request_id_lands_in_the_audit_log(env: ApiEnv) -> None:
+    headers = {**env.as_role("pharmacist"), "X-Request-ID": "req-audit-1"}
+    env.client.post("/v1/admin/cost-matrices/1/activate", headers=headers)
+    env.client.patch("/v1/admin/products/00378-0208", json={"active": False}, headers=headers)
+    entry = env.client.get("/v1/admin/audit-log", headers=env.as_role("pharmacist")).json()["items"][0]
+    assert entry["request_id"] == "req-audit-1"
+
+
+def test_json_log_lines_carry_the_request_id_and_extras() -> None:
+    token = request_id_var.set("rid-9")
+    try:
+        record = logging.LogRecord("rxverify.test", logging.WARNING, __file__, 1, "hello %s", ("world",), None)
+        record.request_id = None
+        record.job_id = 7
+        from app.log import RequestIdFilter
+
+        RequestIdFilter().filter(record)
+        line = json.loads(JsonFormatter().format(record))
+    finally:
+        request_id_var.reset(token)
+    assert line["message"] == "hello world" and line["level"] == "WARNING"
+    assert line["request_id"] == "rid-9" and line["job_id"] == 7 and line["time"].endswith("+00:00")
+
+
+def test_openapi_documents_the_api_key_and_problems(env: ApiEnv) -> None:
+    schema = env.client.get("/openapi.json").json()
+    assert "APIKeyHeader" in schema["components"]["securitySchemes"]
+    responses = schema["paths"]["/v1/admin/cost-matrices"]["post"]["responses"]
+    assert "application/problem+json" in responses["409"]["content"]
+    assert "text/csv" in schema["paths"]["/v1/admin/cost-matrices/import"]["post"]["requestBody"]["content"]
+    assert env.client.get("/docs").status_code == 200
