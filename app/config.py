@@ -29,6 +29,7 @@ class Settings(BaseSettings):
     redis_key_prefix: str = Field(default="", description="Prefix for every Celery key in Redis (shared Redis).")
     db_pool_size: int = Field(default=5, ge=1)
     db_max_overflow: int = Field(default=10, ge=0)
+    db_connect_timeout_s: int = Field(default=10, ge=1, description="PostgreSQL connect timeout.")
     db_busy_timeout_ms: int = Field(default=5000, ge=0, description="SQLite lock wait before 'database is locked'.")
 
     # --- HTTP service -------------------------------------------------------------------------

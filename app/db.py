@@ -45,8 +45,9 @@ def create_db_engine(settings: Settings, *, for_migrations: bool = False) -> Eng
         if for_migrations:
             _make_sqlite_ddl_transactional(engine)
         return engine
+    connect_args = {"connect_timeout": settings.db_connect_timeout_s} if url.get_backend_name() == "postgresql" else {}
     return create_engine(url, pool_pre_ping=True, pool_size=settings.db_pool_size,
-                         max_overflow=settings.db_max_overflow)
+                         max_overflow=settings.db_max_overflow, connect_args=connect_args)
 
 
 def _install_sqlite_pragmas(engine: Engine, *, busy_timeout_ms: int, foreign_keys: bool) -> None:

@@ -11,15 +11,15 @@ from app.log import configure_logging
 
 def register(sub: Any, groups: dict[str, Any]) -> None:
     """Add `serve` and `worker` to the `rxverify` parser."""
-    settings = get_settings()
+    # Defaults are resolved from Settings when the command runs, so building the parser reads no environment.
     serve = sub.add_parser("serve", help="run the HTTP API")
-    serve.add_argument("--host", default=settings.host, help=f"bind address (default {settings.host})")
-    serve.add_argument("--port", type=int, default=settings.port, help=f"port (default {settings.port})")
+    serve.add_argument("--host", default=None, help="bind address (default RXVERIFY_HOST, 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="port (default RXVERIFY_PORT, 8000)")
     serve.set_defaults(func=serve_command)
 
     worker = sub.add_parser("worker", help="run a Celery worker (default and training queues)")
-    worker.add_argument("--queues", default=f"{settings.default_queue},{settings.training_queue}",
-                        help="comma-separated queues to consume")
+    worker.add_argument("--queues", default=None,
+                        help="comma-separated queues to consume (default: the default and training queues)")
     worker.add_argument("--pool", default="solo", choices=["solo", "prefork", "threads"],
                         help="solo (default) is required on GPU workers: CUDA cannot be used after fork")
     worker.add_argument("--concurrency", type=int, default=1)
@@ -34,20 +34,21 @@ def serve_command(args: argparse.Namespace) -> int:
     settings = get_settings()
     configure_logging(settings)
     settings.ensure_dirs()
-    uvicorn.run("app.main:create_app", factory=True, host=args.host, port=args.port, log_config=None,
-                access_log=False, proxy_headers=True)
+    uvicorn.run("app.main:create_app", factory=True, host=args.host or settings.host, port=args.port or settings.port,
+                log_config=None, access_log=False, proxy_headers=True)
     return 0
 
 
 def worker_command(args: argparse.Namespace) -> int:
-    """Start a Celery worker from worker.celery_app with these settings."""
-    from worker.celery_app import create_celery_app
+    """Start a Celery worker on worker.celery_app's app (the one tasks register on), built from Settings."""
+    from worker import celery_app as celery_module
 
     settings = get_settings()
     configure_logging(settings)
     settings.ensure_dirs()
-    app = create_celery_app(settings)
-    argv = ["worker", "--queues", args.queues, "--pool", args.pool, "--concurrency", str(args.concurrency),
+    app = celery_module.celery_app
+    queues = args.queues or f"{settings.default_queue},{settings.training_queue}"
+    argv = ["worker", "--queues", queues, "--pool", args.pool, "--concurrency", str(args.concurrency),
             "--loglevel", settings.log_level]
     if args.hostname:
         argv += ["--hostname", args.hostname]

@@ -108,8 +108,12 @@ def test_worker_command_starts_celery_with_the_queues(data_dir: Path, monkeypatc
     def fake_worker_main(self: Celery, argv: list[str]) -> None:
         seen["argv"], seen["broker"] = argv, self.conf.broker_url
 
+    import worker.celery_app as celery_module
+
     monkeypatch.setattr(Celery, "worker_main", fake_worker_main)
     get_settings.cache_clear()
+    # The module-level app was built when first imported; rebuild it for this test's data dir.
+    monkeypatch.setattr(celery_module, "celery_app", celery_module.create_celery_app(get_settings()))
     assert main(["worker"]) == 0
     argv = seen["argv"]
     assert argv[:2] == ["worker", "--queues"] and argv[2] == "default,training"
