@@ -17,7 +17,8 @@ class CostMatrixVersion(Base):
 
     __tablename__ = "cost_matrix_versions"
     # The unique parent is what makes concurrent edits safe: two edits of one parent cannot both commit.
-    __table_args__ = (UniqueConstraint("parent_id"),)
+    # On PostgreSQL NULLs are not distinct here either, so there is exactly one root version.
+    __table_args__ = (UniqueConstraint("parent_id", postgresql_nulls_not_distinct=True),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     parent_id: Mapped[int | None] = mapped_column(ForeignKey("cost_matrix_versions.id"))

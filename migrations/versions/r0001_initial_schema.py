@@ -89,7 +89,8 @@ def upgrade() -> None:
     sa.ForeignKeyConstraint(['author_key_id'], ['api_keys.id'], name=op.f('fk_cost_matrix_versions_author_key_id_api_keys')),
     sa.ForeignKeyConstraint(['parent_id'], ['cost_matrix_versions.id'], name=op.f('fk_cost_matrix_versions_parent_id_cost_matrix_versions')),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_cost_matrix_versions')),
-    sa.UniqueConstraint('parent_id', name=op.f('uq_cost_matrix_versions_parent_id'))
+    sa.UniqueConstraint('parent_id', name=op.f('uq_cost_matrix_versions_parent_id'),
+                        postgresql_nulls_not_distinct=True)
     )
     op.create_table('cost_matrix_entries',
     sa.Column('id', sa.Integer(), nullable=False),

@@ -12,34 +12,33 @@ from sqlalchemy import select
 from app.config import Settings
 from app.db import Database
 from app.errors import Conflict
-from app.orm import AdminAuditEntry, CostMatrixVersion
+from app.orm import AdminAuditEntry, CostMatrixVersion, Product
 from app.services import cost_matrices
 from app.services.audit import Actor
-from tests.app.factories import FURO, GLIP, change, edit, seed_catalog
+from models.pmi import PMI_PRODUCTS
+from tests.app.factories import FURO, GLIP, change, count_rows, edit, seed_catalog
 from tests.conftest import ApiEnv
 
 WRITERS = 6
 
 
-def test_racing_edits_of_one_parent_exactly_one_commits(db_settings: Settings,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every writer passes the "is the parent the newest?" check first; only the unique index can decide."""
-    seed_catalog(db_settings)
+def _race(settings: Settings, monkeypatch: pytest.MonkeyPatch, *, parent: int | None) -> list[str]:
+    """WRITERS threads edit `parent` at once; each has seen the same head before any of them inserts."""
     all_checked = threading.Barrier(WRITERS, timeout=20)
     real_head = cost_matrices.head_version
 
     def head_then_wait(session: Any) -> Any:
         head = real_head(session)
-        all_checked.wait()  # nobody inserts before everybody has seen version 1 as the head
+        all_checked.wait()  # nobody inserts before everybody has seen the same head
         return head
 
     monkeypatch.setattr(cost_matrices, "head_version", head_then_wait)
-    database = Database(db_settings)
+    database = Database(settings)
 
     def write(i: int) -> str:
         try:
             with database.session() as session:
-                cost_matrices.create_version(session, parent_version=1, reason=f"writer {i}",
+                cost_matrices.create_version(session, parent_version=parent, reason=f"writer {i}",
                                              changes=[cost_matrices.CostChange(FURO, GLIP, float(i + 2))],
                                              actor=Actor.cli(f"writer {i}"), max_cost=1000.0)
             return "won"
@@ -49,8 +48,19 @@ def test_racing_edits_of_one_parent_exactly_one_commits(db_settings: Settings,
 
     try:
         with ThreadPoolExecutor(max_workers=WRITERS) as pool:
-            outcomes = list(pool.map(write, range(WRITERS)))
-        assert sorted(outcomes) == ["stale"] * (WRITERS - 1) + ["won"]
+            return list(pool.map(write, range(WRITERS)))
+    finally:
+        database.dispose()
+
+
+def test_racing_edits_of_one_parent_exactly_one_commits(db_settings: Settings,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every writer passes the "is the parent the newest?" check first; only the unique index can decide."""
+    seed_catalog(db_settings)
+    outcomes = _race(db_settings, monkeypatch, parent=1)
+    assert sorted(outcomes) == ["stale"] * (WRITERS - 1) + ["won"]
+    database = Database(db_settings)
+    try:
         with database.session() as session:
             children = session.scalars(select(CostMatrixVersion).where(CostMatrixVersion.parent_id == 1)).all()
             creations = session.scalars(select(AdminAuditEntry)
@@ -60,6 +70,21 @@ def test_racing_edits_of_one_parent_exactly_one_commits(db_settings: Settings,
         assert creations[-1].reason == children[0].reason
     finally:
         database.dispose()
+
+
+@pytest.mark.postgres
+def test_racing_first_versions_leave_one_root(pg_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On PostgreSQL the parent index treats NULLs as equal, so only one first version can exist."""
+    database = Database(pg_settings)
+    try:
+        with database.session() as session:
+            session.add_all([Product(ndc=p.ndc, name=p.name, shape=p.shape, colour=p.colour, imprint=list(p.imprint),
+                                     size_mm=p.size_mm) for p in PMI_PRODUCTS])
+    finally:
+        database.dispose()
+    outcomes = _race(pg_settings, monkeypatch, parent=None)
+    assert sorted(outcomes) == ["stale"] * (WRITERS - 1) + ["won"]
+    assert count_rows(pg_settings, CostMatrixVersion) == 1
 
 
 def test_concurrent_http_edits_one_201_the_rest_409(any_env: ApiEnv) -> None:
