@@ -8,7 +8,7 @@ Gaussian noise and JPEG compression.
 What makes it hard, on purpose: most products are white round tablets. Their only differences are the
 imprint (small, debossed at low contrast, often occluded by other pills or cut by the wall, illegible at
 64 px) and the size in mm, and the size is blurred by the per-image scale (vial diameter `bottle_mm`
-varies, so apparent size varies by about +/-11% at the defaults, more than the 10 vs 11 mm gap).
+varies, so apparent size varies by about +/-9% at the defaults, about the 10 vs 11 mm gap).
 
 Determinism: every image has its own `numpy.random.Generator` seeded from (seed, NDC, index), so
 images can be rendered in any order, in parallel, or resumed, and a given seed gives byte-identical
@@ -59,7 +59,7 @@ class SynthConfig:
     - aspect: photo width / height (4:3, so the square centre crop matters).
     - bottle_fill: inner vial diameter as a fraction of the image height.
     - bottle_mm: inner vial diameter in mm; sets the mm->px scale, so its spread is the per-image size
-      uncertainty (40-50 mm: +/-11%, enough to confuse 10 and 11 mm tablets by size alone).
+      uncertainty (30-36 mm: +/-9%, so 10 and 11 mm tablets cannot be told apart by size alone).
     - pill_coverage: total pill area / vial floor area (above 1 the pills pile up and occlude).
     - min_pills / max_pills: bounds on the pill count.
     - size_jitter: per-pill relative size std (manufacturing tolerance, height in the pile).
@@ -78,20 +78,20 @@ class SynthConfig:
 
     aspect: float = 4 / 3
     bottle_fill: tuple[float, float] = (0.80, 0.92)
-    bottle_mm: tuple[float, float] = (40.0, 50.0)
-    pill_coverage: tuple[float, float] = (0.7, 1.8)
+    bottle_mm: tuple[float, float] = (30.0, 36.0)
+    pill_coverage: tuple[float, float] = (1.0, 2.2)
     min_pills: int = 8
     max_pills: int = 120
     size_jitter: float = 0.03
     tilt: float = 0.25
-    imprint_contrast: tuple[float, float] = (0.15, 0.35)
+    imprint_contrast: tuple[float, float] = (0.2, 0.45)
     imprint_height: float = 0.3
     imprint_blur: float = 0.02
-    blur: tuple[float, float] = (0.3, 1.1)
+    blur: tuple[float, float] = (0.2, 0.9)
     noise: tuple[float, float] = (0.01, 0.035)
     lighting: float = 0.35
-    colour_cast: float = 0.03
-    tint: float = 0.025
+    colour_cast: float = 0.025
+    tint: float = 0.015
     jpeg_quality: tuple[int, int] = (75, 92)
     min_per_split: int = 2
 
@@ -366,8 +366,9 @@ def generate_synthetic_pills(
     `per_class` is the total image count of the largest Table 8 class; with `imbalance` the others are
     scaled by their Table 8 totals (at least `config.min_per_split` per split). Existing images of an
     interrupted run with the same parameters are kept (resume); a folder made with other parameters is
-    refused. `workers` > 1 renders in that many processes (same bytes as `workers=1`).
-    `progress(done, total)` is called from this process as images complete.
+    refused. `workers` > 1 renders in that many "spawn" processes (same bytes as `workers=1`); a script
+    calling it so needs the usual `if __name__ == "__main__":` guard. `progress(done, total)` is called
+    from this process as images complete.
     """
     out = Path(out)
     if image_size < 16:
