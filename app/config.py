@@ -156,6 +156,7 @@ class Settings(BaseSettings):
         """Create data_dir and its sub-directories (idempotent)."""
         for path in (self.data_dir, self.checkpoints_dir, self.datasets_dir, self.images_dir, self.keys_dir):
             path.mkdir(parents=True, exist_ok=True)
+        self.keys_dir.chmod(0o700)  # API keys written there are readable by the owner only
 
 
 @lru_cache(maxsize=1)

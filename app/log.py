@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
@@ -22,6 +24,16 @@ _HANDLER_NAME = "rxverify"
 def current_request_id() -> str | None:
     """The id of the request (or job) this code runs for, if any."""
     return request_id_var.get()
+
+
+@contextmanager
+def bind_request_id(value: str | None) -> Iterator[None]:
+    """Tag every log line (and audit entry) inside the block with `value`, e.g. a Celery job's id."""
+    token = request_id_var.set(value)
+    try:
+        yield
+    finally:
+        request_id_var.reset(token)
 
 
 class RequestIdFilter(logging.Filter):

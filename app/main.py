@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from importlib import metadata
 
 from fastapi import FastAPI
 
@@ -34,6 +35,13 @@ def _no_model() -> bool:
     return False
 
 
+def _version() -> str:
+    try:
+        return metadata.version("rxverify")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the API for `settings` (default: from the environment). Uvicorn calls this as a factory."""
     settings = settings or get_settings()
@@ -50,7 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             database.dispose()
             logger.info("rxverify API stopped")
 
-    app = FastAPI(title="rxverify", version="0.1.0", description=API_DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(title="rxverify", version=_version(), description=API_DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
     app.state.db = database
     # The inference engine sets this to a callable that says whether a model is loaded and warm.

@@ -22,6 +22,13 @@ def test_embedded_defaults_live_under_data_dir(tmp_path: Path) -> None:
     assert settings.is_sqlite
 
 
+def test_ensure_dirs_keeps_keys_private(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "data")
+    settings.ensure_dirs()
+    assert all(p.is_dir() for p in (settings.checkpoints_dir, settings.datasets_dir, settings.images_dir))
+    assert settings.keys_dir.stat().st_mode & 0o777 == 0o700
+
+
 def test_two_data_dirs_share_nothing(tmp_path: Path) -> None:
     first, second = Settings(data_dir=tmp_path / "a"), Settings(data_dir=tmp_path / "b")
     for name in ("database_url", "broker_url", "result_backend", "checkpoints_dir", "images_dir"):

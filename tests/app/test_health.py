@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from app.config import Settings
-from app.log import JsonFormatter, request_id_var
+from app.log import JsonFormatter, RequestIdFilter, bind_request_id, request_id_var
 from tests.conftest import ApiEnv
 
 
@@ -83,17 +83,13 @@ def test_request_id_lands_in_the_audit_log(env: ApiEnv) -> None:
 
 
 def test_json_log_lines_carry_the_request_id_and_extras() -> None:
-    token = request_id_var.set("rid-9")
-    try:
+    with bind_request_id("rid-9"):
         record = logging.LogRecord("rxverify.test", logging.WARNING, __file__, 1, "hello %s", ("world",), None)
         record.request_id = None
         record.job_id = 7
-        from app.log import RequestIdFilter
-
         RequestIdFilter().filter(record)
         line = json.loads(JsonFormatter().format(record))
-    finally:
-        request_id_var.reset(token)
+    assert request_id_var.get() is None
     assert line["message"] == "hello world" and line["level"] == "WARNING"
     assert line["request_id"] == "rid-9" and line["job_id"] == 7 and line["time"].endswith("+00:00")
 
