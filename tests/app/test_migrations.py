@@ -19,7 +19,7 @@ TABLES = {"products", "cost_matrix_versions", "cost_matrix_entries", "active_sta
           "model_promotions", "datasets", "training_jobs", "verifications", "resolutions", "admin_audit_log"}
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def empty_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
     """Settings on an empty database of each kind (a new PostgreSQL database for each test)."""
     if request.param == "sqlite":
