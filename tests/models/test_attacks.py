@@ -201,3 +201,22 @@ def test_bad_arguments() -> None:
         targeted_attack(model, x, y, target, eps=1.0, steps=2, step_size=0.1, norm="l1")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         targeted_attack(model, x, y[:1], target, eps=1.0, steps=2, step_size=0.1)
+
+
+def test_bench_attack_reports_speedup_and_identity(tmp_path) -> None:
+    import argparse
+    import json
+
+    from models.commands import bench_attack
+
+    parser = argparse.ArgumentParser()
+    bench_attack.register(parser.add_subparsers().add_parser("bench").add_subparsers())
+    out = tmp_path / "bench.json"
+    args = parser.parse_args(["bench", "attack", "--arch", "tiny_cnn", "--image-size", "8", "--batch", "4",
+                              "--steps", "3", "--repeats", "1", "--step-size", "1.0", "--step-cost",
+                              "--device", "cpu", "--json", str(out)])
+    assert args.func(args) == 0
+    report = json.loads(out.read_text())
+    assert report["identical"] is True and report["speedup"] > 0 and report["steps"] == 3
+    assert report["step_cost"]["ratio"] > 0 and report["device"] == "cpu"
+    assert {"torch_version", "fused_s", "reference_s", "batch"} <= set(report)
