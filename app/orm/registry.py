@@ -60,7 +60,8 @@ class ModelPromotion(Base):
 
     __tablename__ = "model_promotions"
     __table_args__ = (CheckConstraint("action IN ('promote', 'auto_promote', 'rollback', 'activate')",
-                                      name="action"),)
+                                      name="action"),
+                      CheckConstraint("outcome IN ('applied', 'refused')", name="outcome"))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     action: Mapped[str] = mapped_column(String(20))
@@ -71,4 +72,6 @@ class ModelPromotion(Base):
     reason: Mapped[str | None] = mapped_column(Text)
     forced: Mapped[bool] = mapped_column(Boolean, default=False)
     gate: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # refused: an automatic promotion that failed the gate (recorded; the active model did not change).
+    outcome: Mapped[str] = mapped_column(String(20), default="applied", server_default="applied")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -5,13 +5,15 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, CheckConstraint, ForeignKey, Integer, String, Text
+from sqlalchemy import JSON, Boolean, CheckConstraint, ForeignKey, Index, Integer, String, Text, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db import Base
 from app.orm.types import UTCDateTime, utcnow
 
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+# Jobs in these states absorb an identical request; a failed or cancelled job may be requested again.
+_DEDUPLICATING = "status IN ('queued', 'running', 'succeeded')"
 
 
 class TrainingJob(Base):
@@ -20,6 +22,9 @@ class TrainingJob(Base):
     __tablename__ = "training_jobs"
     __table_args__ = (
         CheckConstraint("status IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')", name="status"),
+        # Two identical requests racing: the database lets exactly one of them in.
+        Index("uq_training_jobs_request_sha256_live", "request_sha256", unique=True,
+              postgresql_where=text(_DEDUPLICATING), sqlite_where=text(_DEDUPLICATING)),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -28,6 +33,8 @@ class TrainingJob(Base):
     dataset_id: Mapped[int | None] = mapped_column(ForeignKey("datasets.id"))
     dataset_name: Mapped[str] = mapped_column(String(100))
     include_feedback: Mapped[bool] = mapped_column(Boolean, default=False)
+    # With include_feedback: resolutions up to this id are used, so the request stays reproducible.
+    feedback_through_id: Mapped[int | None] = mapped_column(Integer)
     base_model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
     cost_matrix_version_id: Mapped[int | None] = mapped_column(ForeignKey("cost_matrix_versions.id"))
     hyperparameters: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
