@@ -35,9 +35,14 @@ from starlette.concurrency import run_in_threadpool
 from app.errors import DomainError, ServiceUnavailable
 from app.inference.images import ImageLimits
 from app.inference.metrics import InferenceMetrics, default_metrics
-from app.inference.served import ModelLoadError, Prediction, ServedModel, load_served_model
-from models.evaluate import probabilities_from_outputs
-from models.runtime import autocast_context, select_device, set_cpu_threads
+from app.inference.served import (
+    ModelLoadError,
+    Prediction,
+    ServedModel,
+    forward_probabilities,
+    load_served_model,
+)
+from models.runtime import select_device, set_cpu_threads
 
 logger = logging.getLogger(__name__)
 
@@ -263,14 +268,7 @@ class InferenceEngine:
     def _forward(self, served: ServedModel, tensors: Sequence[torch.Tensor], *, record: bool = True) -> np.ndarray:
         """One batched forward on the torch thread: (B, K) calibrated probabilities as float64."""
         started = time.perf_counter()
-        inputs = torch.stack(list(tensors))
-        if served.device.type == "cuda":
-            inputs = inputs.pin_memory()
-        with torch.inference_mode(), autocast_context(served.device, enabled=self.config.autocast):
-            outputs = served.model(inputs.to(served.device, non_blocking=True))
-        probs = probabilities_from_outputs(outputs.float(), served.metadata.output_kind,
-                                           temperature=served.metadata.temperature)
-        result = probs.cpu().numpy().astype(np.float64)
+        result = forward_probabilities(served, tensors, autocast=self.config.autocast)
         if record:
             self.metrics.inference_seconds.observe(time.perf_counter() - started)
         return result

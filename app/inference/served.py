@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from torch import nn
 from app.inference.images import ImageLimits, decode_image
 from models.checkpoint import CheckpointMetadata, load_checkpoint
 from models.decision import VerdictPolicy
+from models.evaluate import probabilities_from_outputs
+from models.runtime import autocast_context
 from models.transforms import EvalPreset
 
 
@@ -71,3 +74,16 @@ def load_served_model(checkpoint_dir: str | Path, *, version: str, device: torch
     preset(Image.new("RGB", (preset.image_size + 7, preset.image_size), (128, 128, 128)))  # first-call costs
     return ServedModel(model=loaded.model, metadata=metadata, preset=preset, version=version, device=device,
                        weights_sha256=loaded.weights_sha256, policy=policy)
+
+
+def forward_probabilities(served: ServedModel, tensors: Sequence[torch.Tensor], *, autocast: bool = True
+                          ) -> np.ndarray:
+    """One batched forward (inference mode, autocast on CUDA): (B, K) temperature-calibrated probabilities."""
+    inputs = torch.stack(list(tensors))
+    if served.device.type == "cuda":
+        inputs = inputs.pin_memory()
+    with torch.inference_mode(), autocast_context(served.device, enabled=autocast):
+        outputs = served.model(inputs.to(served.device, non_blocking=True))
+    probs = probabilities_from_outputs(outputs.float(), served.metadata.output_kind,
+                                       temperature=served.metadata.temperature)
+    return probs.cpu().numpy().astype(np.float64)
