@@ -9,6 +9,8 @@ import zlib
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
 from app.inference.images import (
@@ -152,3 +154,23 @@ def test_jpeg_draft_decodes_a_pmi_sized_photo_at_reduced_scale() -> None:
 
 def test_sha256_hex() -> None:
     assert sha256_hex(b"abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+_SEEDS = {fmt: encode(photo(120, 90), fmt) for fmt in ("JPEG", "PNG", "WEBP")}
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from(sorted(_SEEDS)), st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)),
+                                                 max_size=12),
+       st.floats(0.05, 1.0), st.booleans())
+def test_mutated_uploads_fail_only_with_image_errors(fmt: str, flips: list[tuple[float, int]], keep: float,
+                                                     draft: bool) -> None:
+    data = bytearray(_SEEDS[fmt])
+    for where, value in flips:
+        data[int(where * len(data))] = value
+    data = data[: max(1, int(len(data) * keep))]
+    try:
+        image = decode_image(bytes(data), draft_size=(32, 32) if draft else None, **LIMITS)
+    except ImageError:
+        return
+    assert image.mode == "RGB"
