@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from models.attacks import eval_mode
+from models.evaluate import evaluate
 from models.methods import Method, find_head
 from models.runtime import autocast_context, create_grad_scaler, seed_everything
 
@@ -259,21 +259,12 @@ def train_one_epoch(model: nn.Module, *, loader: DataLoader[Any], method: Method
     return summary
 
 
-@torch.no_grad()
 def evaluate_split(model: nn.Module, *, loader: DataLoader[Any], method: Method,
                    device: torch.device) -> dict[str, float]:
-    """Accuracy and WER (mean cost per prediction) of `model` on a loader, predicting as `method` does."""
-    costs = method.costs(device)
-    correct, total_cost, count = 0, 0.0, 0
-    with eval_mode(model):
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
-            prediction = method.predict(model(x).float())
-            correct += int((prediction == y).sum())
-            total_cost += float(costs[y, prediction].sum())
-            count += y.numel()
-    return {"accuracy": correct / count if count else math.nan,
-            "wer": total_cost / count if count else math.nan, "n": count}
+    """Accuracy, WER (mean cost per prediction), total cost and size of a split, predicting as `method` does."""
+    report = evaluate(model, loader, cost_matrix=method.cost_matrix, device=device,
+                      output_kind=method.output_kind).report
+    return {key: report[key] for key in ("accuracy", "wer", "total_cost", "n")}
 
 
 class _TrainingMode:
