@@ -3,7 +3,9 @@
 Request path (`predict_image`): the caller grabs the current `ServedModel` bundle, decodes and
 preprocesses the upload with that bundle's `EvalPreset` in a worker thread (never on the event loop),
 then `submit`s the tensor. One asyncio task collects up to `max_batch_size` requests, waiting at most
-`max_wait_ms` after the first, and runs the forward pass on one dedicated torch thread.
+`max_wait_ms` after the first, and runs the forward pass on one dedicated torch thread. With
+`adaptive_wait` (the default) it only waits while some other request is being preprocessed and can still
+join; a lone request at low load runs at once instead of paying `max_wait_ms` for nothing.
 
 Swaps (`swap_to`): the new checkpoint is loaded in a thread and warmed up on the torch thread, then ONE
 reference (`self._current`) is replaced. Every queued request carries the bundle it was preprocessed
@@ -85,6 +87,7 @@ class EngineConfig:
     autocast: bool = True
     warmup_batch_sizes: tuple[int, ...] = ()  # empty: 1 and max_batch_size
     drain_timeout_s: float = 30.0
+    adaptive_wait: bool = True  # wait for partners only while some request is still being preprocessed
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.queue_size < 1 or self.max_wait_ms < 0:
@@ -125,6 +128,7 @@ class InferenceEngine:
         self._executor: ThreadPoolExecutor | None = None
         self._swap_lock: asyncio.Lock | None = None
         self._stopping = False
+        self._preparing = 0  # requests inside predict_image that are decoding/preprocessing right now
         self._batch_seconds = 0.05  # running estimate for Retry-After
 
     # --- state ------------------------------------------------------------------------------------
@@ -172,7 +176,11 @@ class InferenceEngine:
     async def predict_image(self, data: bytes, *, limits: ImageLimits) -> Prediction:
         """Decode + preprocess in a worker thread for the current model, then run it in a batch."""
         with self.using_current() as served:
-            tensor = await run_in_threadpool(served.preprocess, data, limits=limits)
+            self._preparing += 1
+            try:
+                tensor = await run_in_threadpool(served.preprocess, data, limits=limits)
+            finally:
+                self._preparing -= 1
             return await self.submit(tensor, served=served)
 
     async def submit(self, tensor: torch.Tensor, *, served: ServedModel) -> Prediction:
@@ -223,7 +231,7 @@ class InferenceEngine:
                     except asyncio.QueueEmpty:
                         pass
                     remaining = deadline - loop.time()
-                    if remaining <= 0:
+                    if remaining <= 0 or (self.config.adaptive_wait and self._preparing == 0):
                         break
                     try:
                         batch.append(await asyncio.wait_for(queue.get(), remaining))

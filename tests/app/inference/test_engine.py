@@ -80,23 +80,19 @@ def test_predictions_are_the_calibrated_softmax_of_the_checkpoint(checkpoints: d
 
 
 def test_concurrent_requests_are_batched(checkpoints: dict[str, Path], uploads: list[bytes]) -> None:
-    async def scenario(engine: InferenceEngine, registry: CollectorRegistry) -> list[Prediction]:
+    async def scenario(engine: InferenceEngine, registry: CollectorRegistry
+                       ) -> tuple[list[Prediction], CollectorRegistry]:
         await engine.load_model(checkpoints["a"], version="a")
-        return await asyncio.gather(*(engine.predict_image(uploads[i % 8], limits=LIMITS) for i in range(24)))
+        predictions = await asyncio.gather(*(engine.predict_image(uploads[i % 8], limits=LIMITS) for i in range(24)))
+        return predictions, registry
 
-    registry_box: list[CollectorRegistry] = []
-
-    async def wrapped(engine: InferenceEngine, registry: CollectorRegistry) -> list[Prediction]:
-        registry_box.append(registry)
-        return await scenario(engine, registry)
-
-    predictions = run(wrapped, max_batch_size=8, max_wait_ms=50)
-    registry = registry_box[0]
+    predictions, registry = run(scenario, max_batch_size=8, max_wait_ms=50)
     assert len(predictions) == 24 and all(abs(p.probs.sum() - 1) < 1e-5 for p in predictions)
     batches = sample(registry, "rxverify_inference_batch_size_count")
     assert sample(registry, "rxverify_inference_batch_size_sum") == 24
     assert batches < 24 and 24 / batches > 1  # mean batch size above one
     assert sample(registry, "rxverify_inference_batch_size_bucket", le="8.0") == batches  # never above max
+    assert sample(registry, "rxverify_inference_queue_wait_seconds_count") == 24
 
 
 def test_a_lone_request_waits_at_most_max_wait(checkpoints: dict[str, Path], uploads: list[bytes]) -> None:
@@ -111,9 +107,19 @@ def test_a_lone_request_waits_at_most_max_wait(checkpoints: dict[str, Path], upl
         full = time.perf_counter() - start
         return lone, full
 
-    lone, full = run(scenario, max_batch_size=4, max_wait_ms=400)
+    lone, full = run(scenario, max_batch_size=4, max_wait_ms=400, adaptive_wait=False)
     assert 0.38 <= lone < 0.38 + 2.0  # waited for partners, but no longer than max_wait (+ one forward)
     assert full < 0.35  # a full batch starts at once
+
+
+def test_adaptive_wait_runs_a_lone_request_at_once(checkpoints: dict[str, Path], uploads: list[bytes]) -> None:
+    async def scenario(engine: InferenceEngine, registry: CollectorRegistry) -> float:
+        await engine.load_model(checkpoints["a"], version="a")
+        start = time.perf_counter()
+        await engine.predict_image(uploads[0], limits=LIMITS)
+        return time.perf_counter() - start
+
+    assert run(scenario, max_batch_size=4, max_wait_ms=1000) < 0.9  # nobody else is coming: no wait
 
 
 def test_a_full_queue_refuses_at_once_with_retry_after(checkpoints: dict[str, Path], uploads: list[bytes]) -> None:
