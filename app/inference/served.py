@@ -11,9 +11,11 @@ import torch
 from PIL import Image
 from torch import nn
 
+from app.errors import DomainError
 from app.inference.images import ImageLimits, decode_image
 from models.checkpoint import CheckpointMetadata, load_checkpoint
-from models.decision import VerdictPolicy
+from models.costs import CostMatrix
+from models.decision import Decision, VerdictPolicy, decide
 from models.evaluate import probabilities_from_outputs
 from models.runtime import autocast_context
 from models.transforms import EvalPreset
@@ -21,6 +23,14 @@ from models.transforms import EvalPreset
 
 class ModelLoadError(RuntimeError):
     """A checkpoint failed to load or to warm up; the previous model (if any) keeps serving."""
+
+
+class ProductNotServed(DomainError):
+    """The prescribed product is valid but not one of the served model's classes (422)."""
+
+    status = 422
+    default_slug = "product-not-in-model"
+    default_title = "The served model cannot recognise this product"
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,6 +71,21 @@ class Prediction:
     model_version: str
     classes: tuple[str, ...]
     served: ServedModel = field(repr=False)
+
+    def decide(self, *, prescribed: str, cost_matrix: CostMatrix, critical_cost: float, top_k: int = 3) -> Decision:
+        """The verdict against a prescribed product key, with the policy fitted for this model version.
+
+        The active cost matrix is reindexed to the model's classes when needed (unknown pairs cost the
+        default). A model stored without a fitted policy gets `VerdictPolicy.review_only`, whose
+        `critical_cost` is the one given here; a fitted policy keeps the level it was fitted for.
+        """
+        if prescribed not in self.classes:
+            raise ProductNotServed(f"model {self.model_version} was not trained on product {prescribed}; "
+                                   "a pharmacist must check this bottle", extra={"prescribed_ndc": prescribed})
+        costs = cost_matrix if cost_matrix.classes == self.classes else cost_matrix.reindexed(self.classes)
+        policy = self.served.policy or VerdictPolicy.review_only(self.classes, critical_cost=critical_cost)
+        return decide(self.probs, prescribed_index=self.classes.index(prescribed), cost_matrix=costs, policy=policy,
+                      classes=self.classes, top_k=top_k)
 
 
 def load_served_model(checkpoint_dir: str | Path, *, version: str, device: torch.device) -> ServedModel:

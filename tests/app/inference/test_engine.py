@@ -18,8 +18,9 @@ from prometheus_client import CollectorRegistry
 from app.inference.engine import EngineConfig, InferenceEngine, ModelUnavailable, QueueFull
 from app.inference.images import ImageLimits, decode_image
 from app.inference.metrics import InferenceMetrics
-from app.inference.served import ModelLoadError, Prediction
+from app.inference.served import ModelLoadError, Prediction, ProductNotServed
 from models.checkpoint import load_checkpoint
+from models.costs import CostMatrix
 from models.decision import VerdictPolicy
 from models.transforms import EvalPreset
 from tests.app.inference.conftest import CLASSES_A, CLASSES_B, make_checkpoint
@@ -220,7 +221,15 @@ def test_the_stored_verdict_policy_travels_with_the_model(tmp_path: Path, upload
         await engine.load_model(path, version="p")
         return await engine.predict_image(uploads[2], limits=LIMITS)
 
-    assert run(scenario).served.policy == policy
+    prediction = run(scenario)
+    assert prediction.served.policy == policy
+    decision = prediction.decide(prescribed=CLASSES_A[1], cost_matrix=CostMatrix.uniform(CLASSES_A[::-1]),
+                                 critical_cost=5.0)
+    assert (decision.verdict, decision.prescribed) == ("review", CLASSES_A[1])  # the review-only policy
+    assert decision.probability_prescribed == pytest.approx(prediction.probs[1])
+    with pytest.raises(ProductNotServed) as caught:
+        prediction.decide(prescribed="99999-9999", cost_matrix=CostMatrix.uniform(CLASSES_A), critical_cost=5.0)
+    assert (caught.value.status, caught.value.slug) == (422, "product-not-in-model")
 
 
 def test_stop_resolves_every_request_and_refuses_new_ones(checkpoints: dict[str, Path], uploads: list[bytes]) -> None:
