@@ -9,12 +9,13 @@ from importlib import metadata
 
 from fastapi import FastAPI
 
-from app.api import api_keys, audit, cost_matrices, health, products
+from app.api import api_keys, audit, cost_matrices, health, products, verifications
 from app.config import Settings, get_settings
 from app.db import Database
 from app.log import configure_logging
 from app.middleware import BodySizeLimitMiddleware, ObservabilityMiddleware
 from app.problems import install_problem_handlers
+from app.services.serving import serving_lifespan
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         logger.info("rxverify API starting", extra={"data_dir": str(settings.data_dir)})
         try:
-            yield
+            async with serving_lifespan(_app, settings=settings, database=database):  # engine + active model
+                yield
         finally:
             database.dispose()
             logger.info("rxverify API stopped")
@@ -66,6 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_problem_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)
     app.add_middleware(ObservabilityMiddleware)  # added last = outermost: it sees every answer
-    for router in (health.router, products.router, cost_matrices.router, api_keys.router, audit.router):
+    for router in (health.router, products.router, cost_matrices.router, api_keys.router, audit.router,
+                   verifications.router):
         app.include_router(router)
     return app

@@ -1,0 +1,98 @@
+"""The inference engine inside the API process: created from settings, started in the app lifespan.
+
+At startup the engine starts, Pillow is configured for uploads, and the active model version (if any)
+is loaded and warmed up before `app.state.model_ready` can turn true. A model that fails to load leaves
+the service up but not ready, and verifications answer 503 `model-unavailable`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from app.config import Settings
+from app.db import Database
+from app.inference.engine import EngineConfig, InferenceEngine, ModelUnavailable
+from app.inference.images import ImageLimits, configure_pillow
+from app.inference.served import ModelLoadError, ServedModel
+from app.services.model_registry import active_model_version, checkpoint_path, engine_label
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRef:
+    """Where a registered version's checkpoint is and the label the engine serves it under."""
+
+    label: str
+    path: Path
+
+
+def create_engine(settings: Settings) -> InferenceEngine:
+    """An engine configured from settings (batch size, wait, queue size, device, torch threads)."""
+    return InferenceEngine(config=EngineConfig.from_settings(settings))
+
+
+def engine_of(app: FastAPI) -> InferenceEngine:
+    """The app's engine; ModelUnavailable when the lifespan has not started one."""
+    engine: InferenceEngine | None = getattr(app.state, "engine", None)
+    if engine is None:
+        raise ModelUnavailable("the inference engine is not running; a pharmacist must check this bottle")
+    return engine
+
+
+def limits_of(app: FastAPI) -> ImageLimits:
+    """The upload limits of this app's settings."""
+    limits: ImageLimits | None = getattr(app.state, "image_limits", None)
+    return limits if limits is not None else ImageLimits.from_settings(app.state.settings)
+
+
+def active_model_ref(database: Database) -> ModelRef | None:
+    """The active version's checkpoint and engine label, read from the database (blocking)."""
+    with database.session() as session:
+        version = active_model_version(session)
+        if version is None:
+            return None
+        return ModelRef(label=engine_label(version), path=checkpoint_path(database.settings, version))
+
+
+async def load_active_model(engine: InferenceEngine, database: Database) -> ServedModel | None:
+    """Load and warm up the active version unless it is already served; None when there is none."""
+    ref = await asyncio.to_thread(active_model_ref, database)
+    if ref is None:
+        logger.warning("no active model version: /readyz stays false until one is activated")
+        return None
+    try:
+        current = engine.current
+    except ModelUnavailable:
+        current = None
+    if current is not None and current.version == ref.label:
+        return current
+    return await engine.load_model(ref.path, version=ref.label)
+
+
+@asynccontextmanager
+async def serving_lifespan(app: FastAPI, *, settings: Settings, database: Database) -> AsyncIterator[None]:
+    """Start the engine, load + warm up the active model, publish the readiness hook; stop on exit."""
+    configure_pillow(max_pixels=settings.max_image_pixels)
+    engine = create_engine(settings)
+    await engine.start()
+    app.state.engine = engine
+    app.state.image_limits = ImageLimits.from_settings(settings)
+    app.state.model_ready = lambda: engine.ready
+    try:
+        await load_active_model(engine, database)
+    except ModelLoadError:
+        logger.exception("the active model failed to load; serving nothing until a model is activated")
+    except Exception:  # e.g. the database is unreachable: start anyway, /readyz says what is wrong
+        logger.exception("could not look up the active model version; serving nothing for now")
+    try:
+        yield
+    finally:
+        await engine.stop()

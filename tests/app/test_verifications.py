@@ -1,0 +1,131 @@
+"""POST /v1/verifications end to end on a tiny served model: verdicts, idempotency, the audit record."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from app.db import Database
+from app.orm import Role, Verification
+from models.decision import CONFORMAL_GUARANTEE
+from tests.app.factories import count_rows
+from tests.app.model_factory import (
+    FAVOURITE,
+    cached_checkpoint,
+    jpeg_photo,
+    post_verification,
+    served_settings,
+)
+from tests.conftest import ApiEnv
+
+GLIP = "00591-0461"
+
+
+@pytest.fixture(scope="session")
+def checkpoint_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("verification-checkpoints")
+
+
+@pytest.fixture
+def served(seeded_sqlite_template: tuple[Path, dict[Role, str]], tmp_path: Path, make_client: Any,
+           checkpoint_root: Path) -> ApiEnv:
+    template, keys = seeded_sqlite_template
+    settings = served_settings(template, tmp_path / "data", checkpoint=cached_checkpoint(checkpoint_root),
+                               retain_images=True)
+    return ApiEnv(settings, make_client(settings), dict(keys))
+
+
+def rows(settings: Any) -> list[Verification]:
+    database = Database(settings)
+    try:
+        with database.session() as session:
+            return list(session.scalars(select(Verification).order_by(Verification.created_at)))
+    finally:
+        database.dispose()
+
+
+def test_ready_and_a_match_with_every_field(served: ApiEnv) -> None:
+    assert served.client.get("/readyz").json()["model_loaded"] is True
+    response = post_verification(served.client, served.keys[Role.CLIENT], image=jpeg_photo(),
+                                 ndc="0378-0208-01", client_reference="tx-1")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["verdict"] == "match" and body["reason"] == "accepted"
+    assert body["prescribed_ndc"] == FAVOURITE and body["prescribed_ndc_input"] == "0378-0208-01"
+    assert body["predicted_ndc"] == FAVOURITE and body["probability_prescribed"] == pytest.approx(0.9, abs=1e-4)
+    assert 0 < body["expected_accept_cost"] < 1
+    assert body["top"][0] == {"ndc": FAVOURITE, "probability": pytest.approx(0.9, abs=1e-4)} and len(body["top"]) == 5
+    assert FAVOURITE in body["conformal_set"]
+    assert body["model_version"] == 1 and body["cost_matrix_version"] == 1 and len(body["model_sha256"]) == 64
+    assert body["client_reference"] == "tx-1" and body["id"] and body["created_at"]
+
+
+def test_mismatch_names_the_likely_content(served: ApiEnv) -> None:
+    response = post_verification(served.client, served.keys[Role.CLIENT], image=jpeg_photo(), ndc=GLIP)
+    body = response.json()
+    assert response.status_code == 200 and body["verdict"] == "mismatch"
+    assert body["reason"] == "prescribed-implausible" and body["predicted_ndc"] == FAVOURITE
+    assert GLIP not in body["conformal_set"]
+
+
+def test_every_200_has_its_audit_record_with_the_retained_image(served: ApiEnv) -> None:
+    photo = jpeg_photo(seed=3)
+    answers = [post_verification(served.client, served.keys[Role.CLIENT], image=photo, ndc=ndc).json()
+               for ndc in (FAVOURITE, GLIP, "00378020801")]
+    stored = {row.id: row for row in rows(served.settings)}
+    assert set(stored) == {a["id"] for a in answers}
+    for answer in answers:
+        row = stored[answer["id"]]
+        assert row.response == answer and row.verdict == answer["verdict"]
+        assert row.image_sha256 == answer["image_sha256"] and row.image_format == "JPEG"
+        assert (row.image_width, row.image_height) == (96, 72) and row.latency_ms and row.latency_ms > 0
+        assert row.image_path and Path(row.image_path).read_bytes() == photo
+        assert row.model_version_id == 1 and row.cost_matrix_version_id == 1
+
+
+def test_images_are_not_kept_unless_configured(seeded_sqlite_template: Any, tmp_path: Path, make_client: Any,
+                                               checkpoint_root: Path) -> None:
+    template, keys = seeded_sqlite_template
+    settings = served_settings(template, tmp_path / "data", checkpoint=cached_checkpoint(checkpoint_root))
+    client = make_client(settings)
+    assert post_verification(client, keys[Role.CLIENT], image=jpeg_photo()).status_code == 200
+    (row,) = rows(settings)
+    assert row.image_path is None and len(row.image_sha256) == 64
+    assert not any(p.is_file() for p in settings.images_dir.rglob("*"))
+
+
+def test_an_idempotent_retry_returns_the_first_answer(served: ApiEnv) -> None:
+    key = served.keys[Role.CLIENT]
+    first = post_verification(served.client, key, image=jpeg_photo(), headers={"Idempotency-Key": "tx-42"})
+    again = post_verification(served.client, key, image=jpeg_photo(), headers={"Idempotency-Key": "tx-42"})
+    assert first.status_code == again.status_code == 200
+    assert again.json() == first.json() and again.headers["Idempotent-Replayed"] == "true"
+    assert count_rows(served.settings, Verification) == 1
+    other = post_verification(served.client, key, image=jpeg_photo(seed=9), headers={"Idempotency-Key": "tx-42"})
+    assert other.status_code == 422
+    assert other.json()["type"].endswith("/idempotency-key-reused")
+    assert other.json()["verification_id"] == first.json()["id"]
+    # Keys are scoped to the API key: another client may use the same string.
+    third = post_verification(served.client, served.keys[Role.PHARMACIST], image=jpeg_photo(seed=9),
+                              headers={"Idempotency-Key": "tx-42"})
+    assert third.status_code == 200 and third.json()["id"] != first.json()["id"]
+    assert count_rows(served.settings, Verification) == 2
+
+
+def test_openapi_documents_the_contract(served: ApiEnv) -> None:
+    operation = served.client.get("/openapi.json").json()["paths"]["/v1/verifications"]["post"]
+    assert "pharmacist must check the bottle" in operation["description"]
+    assert CONFORMAL_GUARANTEE[:60] in operation["description"]
+    schema = operation["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert schema["required"] == ["image", "prescribed_ndc"]
+
+
+def test_metrics_count_verdicts_by_model_version(served: ApiEnv) -> None:
+    post_verification(served.client, served.keys[Role.CLIENT], image=jpeg_photo())
+    text = served.client.get("/metrics").text
+    assert 'rxverify_verdicts_total{model_version="1",verdict="match"}' in text
+    assert "rxverify_verification_duration_seconds_bucket" in text
+    assert "rxverify_inference_batch_size_bucket" in text and "rxverify_inference_queue_wait_seconds" in text
