@@ -69,6 +69,8 @@ class Settings(BaseSettings):
     task_time_limit_s: int = Field(default=6 * 3600 + 600, ge=1, description="Hard limit: the task is killed.")
     broker_visibility_timeout_s: int = Field(default=8 * 3600, ge=1, description="Must exceed the hard limit.")
     worker_max_tasks_per_child: int = Field(default=20, ge=1, description="Recycle prefork children.")
+    training_lease_s: float = Field(default=60.0, ge=1, description="DB lease of a running training job; renewed "
+                                    "every third of it, and an expired lease lets the reaper requeue the job.")
 
     @field_validator("allowed_image_formats", mode="before")
     @classmethod
