@@ -1,7 +1,7 @@
 """Raw pipeline figures without HTTP: decode (JPEG draft) + EvalPreset + forward, single image and batched.
 
 `rxverify bench service` reuses `measure_pipeline` for its "raw pipeline limit" and single-image latency.
-Run by hand: `python -m app.inference.bench --arch resnet18 --classes 20 --image-size 224 --batch 16`.
+Run by hand: `python -m app.inference.bench --arch resnet18 --batch 16 [--engine 1 4 16]` (JSON on stdout).
 """
 
 from __future__ import annotations
@@ -130,8 +130,79 @@ def measure_pipeline(served: ServedModel, *, images: Sequence[bytes], batch_size
                            throughput_ips=1000.0 * batch_size / figures["batch_pipeline_ms"], **figures)
 
 
+@dataclass(frozen=True)
+class EngineFigures:
+    """Closed-loop load on an InferenceEngine in this process (no HTTP): throughput and latency percentiles."""
+
+    concurrency: int
+    requests: int
+    throughput_ips: float
+    p50_ms: float
+    p99_ms: float
+    mean_batch_size: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return asdict(self)
+
+
+async def measure_engine(engine: Any, *, images: Sequence[bytes], concurrency: int, requests: int,
+                         limits: ImageLimits | None = None) -> EngineFigures:
+    """Drive `engine.predict_image` with `concurrency` clients, each sending its next photo when answered."""
+    import asyncio
+
+    limits = limits or ImageLimits()
+    latencies: list[float] = []
+    batches_before = engine.metrics.batch_size.collect()[0].samples
+    counter = iter(range(requests))
+
+    async def client() -> None:
+        for index in counter:
+            start = time.perf_counter()
+            await engine.predict_image(images[index % len(images)], limits=limits)
+            latencies.append(time.perf_counter() - start)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - start
+    after = engine.metrics.batch_size.collect()[0].samples
+
+    def total(samples: Any, suffix: str) -> float:
+        return sum(s.value for s in samples if s.name.endswith(suffix))
+
+    forwards = total(after, "_count") - total(batches_before, "_count")
+    ordered = sorted(latencies)
+    return EngineFigures(concurrency=concurrency, requests=len(latencies), throughput_ips=len(latencies) / elapsed,
+                         p50_ms=1000 * ordered[len(ordered) // 2],
+                         p99_ms=1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
+                         mean_batch_size=len(latencies) / forwards if forwards else 0.0)
+
+
+async def _engine_figures(checkpoint: Path, *, images: Sequence[bytes], device: str, threads: int | None,
+                          batch: int, max_wait_ms: float, concurrencies: Sequence[int], requests: int
+                          ) -> list[dict[str, Any]]:
+    from prometheus_client import CollectorRegistry
+
+    from app.inference.engine import EngineConfig, InferenceEngine
+    from app.inference.metrics import InferenceMetrics
+
+    engine = InferenceEngine(config=EngineConfig(device=device, torch_threads=threads, max_batch_size=batch,
+                                                 max_wait_ms=max_wait_ms),
+                             metrics=InferenceMetrics(registry=CollectorRegistry()))
+    await engine.load_model(checkpoint, version=checkpoint.name)
+    try:
+        await measure_engine(engine, images=images, concurrency=2, requests=4)  # warm the thread pools
+        return [(await measure_engine(engine, images=images, concurrency=c, requests=max(requests, 2 * c))).to_dict()
+                for c in concurrencies]
+    finally:
+        await engine.stop()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry: print the figures as JSON."""
+    import asyncio
+    import tempfile
+
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--checkpoint", type=Path, help="a checkpoint directory (default: a random model)")
     parser.add_argument("--arch", default="resnet18")
@@ -142,17 +213,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--photos", type=int, default=16)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--engine", type=int, nargs="*", metavar="CONCURRENCY",
+                        help="also drive the InferenceEngine in process at these concurrencies (e.g. 1 4 16)")
+    parser.add_argument("--engine-requests", type=int, default=64)
+    parser.add_argument("--max-wait-ms", type=float, default=5.0)
     args = parser.parse_args(argv)
     set_cpu_threads(args.threads)
     device = select_device(args.device)
-    if args.checkpoint:
-        served = load_served_model(args.checkpoint, version=args.checkpoint.name, device=device)
-    else:
-        served = served_random_model(arch=args.arch, num_classes=args.classes, image_size=args.image_size,
-                                     device=device)
-    figures = measure_pipeline(served, images=pmi_like_jpegs(count=args.photos), batch_size=args.batch,
-                               repeats=args.repeats)
-    json.dump(figures.to_dict(), sys.stdout, indent=2)
+    images = pmi_like_jpegs(count=args.photos)
+    with tempfile.TemporaryDirectory(prefix="rxverify-bench-") as scratch:
+        checkpoint = args.checkpoint
+        if checkpoint:
+            served = load_served_model(checkpoint, version=checkpoint.name, device=device)
+        else:
+            served = served_random_model(arch=args.arch, num_classes=args.classes, image_size=args.image_size,
+                                         device=device)
+            if args.engine:
+                from models.checkpoint import save_checkpoint
+
+                checkpoint = Path(scratch) / f"random-{args.arch}"
+                save_checkpoint(checkpoint, model=served.model, metadata=served.metadata)
+        report: dict[str, Any] = {"pipeline": measure_pipeline(served, images=images, batch_size=args.batch,
+                                                               repeats=args.repeats).to_dict()}
+        del served
+        if args.engine and checkpoint is not None:
+            report["engine"] = asyncio.run(_engine_figures(
+                checkpoint, images=images, device=args.device, threads=args.threads, batch=args.batch,
+                max_wait_ms=args.max_wait_ms, concurrencies=args.engine, requests=args.engine_requests))
+    json.dump(report, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0
 
