@@ -23,7 +23,7 @@ import gc
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -242,10 +242,10 @@ class InferenceEngine:
                     await self._run_batch(batch)
                 except Exception:  # the loop must survive anything one batch does
                     logger.exception("inference batch failed")
-                    _fail(batch, InferenceFailed("the model failed to run on this batch"))
+                    _fail(batch, lambda: InferenceFailed("the model failed to run on this batch"))
                 batch = []  # drop the references, so a retired model can be freed while the queue is idle
         except asyncio.CancelledError:
-            _fail(batch, ModelUnavailable("the inference engine is shutting down"))
+            _fail(batch, lambda: ModelUnavailable("the inference engine is shutting down"))
             raise
 
     async def _run_batch(self, batch: Sequence[_Pending]) -> None:
@@ -265,7 +265,8 @@ class InferenceEngine:
                                                    [item.tensor for item in group])
             except Exception as error:
                 logger.exception("forward pass of model %s failed", served.version)
-                _fail(group, InferenceFailed(f"model {served.version} failed: {error}"))
+                detail = f"model {served.version} failed: {error}"
+                _fail(group, functools.partial(InferenceFailed, detail))
                 continue
             self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (time.perf_counter() - started)
             for item, row in zip(group, probs, strict=True):
@@ -362,7 +363,7 @@ class InferenceEngine:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             _fail([queue.get_nowait() for _ in range(queue.qsize())],
-                  ModelUnavailable("the inference engine is shutting down"))
+                  lambda: ModelUnavailable("the inference engine is shutting down"))
         if self._executor is not None:
             await asyncio.to_thread(self._executor.shutdown, wait=True)
         device = self._current.device if self._current else self.device
@@ -371,11 +372,11 @@ class InferenceEngine:
         await asyncio.to_thread(_release_memory, device)
 
 
-def _fail(items: Sequence[_Pending], error: Exception) -> None:
-    """Resolve every still-pending request of `items` with `error`."""
+def _fail(items: Sequence[_Pending], error: Callable[[], Exception]) -> None:
+    """Resolve every still-pending request of `items` with its own exception from `error()`."""
     for item in items:
         if not item.future.done():
-            item.future.set_exception(error)
+            item.future.set_exception(error())
 
 
 def _release_memory(device: torch.device) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 import weakref
@@ -15,7 +16,7 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from app.inference.engine import EngineConfig, InferenceEngine, ModelUnavailable, QueueFull
+from app.inference.engine import EngineConfig, InferenceEngine, InferenceFailed, ModelUnavailable, QueueFull
 from app.inference.images import ImageLimits, decode_image
 from app.inference.metrics import InferenceMetrics
 from app.inference.served import ModelLoadError, Prediction, ProductNotServed
@@ -247,3 +248,21 @@ def test_stop_resolves_every_request_and_refuses_new_ones(checkpoints: dict[str,
             await engine.predict_image(uploads[0], limits=LIMITS)
 
     asyncio.run(asyncio.wait_for(main(), timeout=30))
+
+
+def test_a_failing_forward_fails_its_batch_only(checkpoints: dict[str, Path], uploads: list[bytes]) -> None:
+    class Broken(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("boom")
+
+    async def scenario(engine: InferenceEngine, registry: CollectorRegistry) -> None:
+        good = await engine.load_model(checkpoints["a"], version="a")
+        broken = dataclasses.replace(good, model=Broken(), version="broken")
+        tensor = good.preprocess(uploads[0], limits=LIMITS)
+        with pytest.raises(InferenceFailed, match="boom") as caught:
+            await engine.submit(tensor, served=broken)
+        assert caught.value.status == 500
+        assert (await engine.submit(tensor, served=good)).model_version == "a"
+        assert engine.ready
+
+    run(scenario)
