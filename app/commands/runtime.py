@@ -15,6 +15,8 @@ def register(sub: Any, groups: dict[str, Any]) -> None:
     serve = sub.add_parser("serve", help="run the HTTP API")
     serve.add_argument("--host", default=None, help="bind address (default RXVERIFY_HOST, 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="port (default RXVERIFY_PORT, 8000)")
+    serve.add_argument("--model", default=None, metavar="CKPT_DIR",
+                       help="register this checkpoint (if new; classes checked against the catalog) and activate it")
     serve.set_defaults(func=serve_command)
 
     worker = sub.add_parser("worker", help="run a Celery worker (default and training queues)")
@@ -34,6 +36,16 @@ def serve_command(args: argparse.Namespace) -> int:
     settings = get_settings()
     configure_logging(settings)
     settings.ensure_dirs()
+    if getattr(args, "model", None):
+        from app.errors import DomainError
+        from app.services.serving import install_checkpoint
+
+        try:
+            version_id = install_checkpoint(settings, args.model)
+        except DomainError as error:
+            print(f"error: {error.detail}")
+            return 2
+        print(f"model version {version_id} from {args.model} is active")
     uvicorn.run("app.main:create_app", factory=True, host=args.host or settings.host, port=args.port or settings.port,
                 log_config=None, access_log=False, proxy_headers=True)
     return 0

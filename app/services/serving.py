@@ -96,3 +96,18 @@ async def serving_lifespan(app: FastAPI, *, settings: Settings, database: Databa
         yield
     finally:
         await engine.stop()
+
+
+def install_checkpoint(settings: Settings, source: str | Path, *, actor_name: str = "cli:serve --model") -> int:
+    """`rxverify serve --model DIR`: register DIR (if new, classes checked against the catalog) and activate it."""
+    from app.services.audit import Actor
+    from app.services.model_registry import register_and_activate
+
+    database = Database(settings)
+    try:
+        with database.session() as session:
+            version = register_and_activate(session, source=source, settings=settings, actor=Actor.cli(actor_name),
+                                            reason=f"served with --model {source}")
+            return version.id
+    finally:
+        database.dispose()
