@@ -1,0 +1,164 @@
+"""Serving: no model (503 + /readyz false), queue full (503 + Retry-After), the registry and `serve --model`."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from app.cli import main as cli_main
+from app.config import Settings
+from app.db import Database
+from app.errors import InvalidInput
+from app.orm import ActiveState, ModelPromotion, ModelVersion, Role
+from app.services.audit import Actor
+from app.services.model_registry import active_model_version, register_checkpoint
+from tests.app.model_factory import (
+    SERVED_CLASSES,
+    cached_checkpoint,
+    jpeg_photo,
+    make_checkpoint,
+    post_verification,
+    served_settings,
+)
+from tests.conftest import ApiEnv
+
+
+@pytest.fixture(scope="session")
+def checkpoint_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("serving-checkpoints")
+
+
+def test_no_model_means_not_ready_and_503_model_unavailable(env: ApiEnv) -> None:
+    readiness = env.client.get("/readyz")
+    assert readiness.status_code == 503 and readiness.json()["model_loaded"] is False
+    response = post_verification(env.client, env.keys[Role.CLIENT], image=jpeg_photo())
+    assert response.status_code == 503
+    assert response.json()["type"] == "https://rxverify.dev/problems/model-unavailable"
+
+
+def test_a_full_queue_answers_503_with_retry_after(seeded_sqlite_template: Any, tmp_path: Path, make_client: Any,
+                                                   checkpoint_root: Path) -> None:
+    template, keys = seeded_sqlite_template
+    settings = served_settings(template, tmp_path / "data", checkpoint=cached_checkpoint(checkpoint_root),
+                               inference_queue_size=1, max_batch_size=1, max_batch_wait_ms=0)
+    client = make_client(settings)
+    engine = client.app.state.engine
+    entered, gate = threading.Event(), threading.Event()
+
+    def hold(_module: Any, _inputs: Any) -> None:
+        entered.set()
+        gate.wait(10)
+
+    handle = engine.current.model.register_forward_pre_hook(hold)
+    answers: list[Any] = []
+    workers = [threading.Thread(target=lambda: answers.append(
+        post_verification(client, keys[Role.CLIENT], image=jpeg_photo()))) for _ in range(2)]
+    try:
+        workers[0].start()
+        assert entered.wait(10)  # request 1 is in the forward pass
+        workers[1].start()
+        deadline = time.monotonic() + 10
+        while engine.queue_depth < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)  # request 2 waits in the (full) queue
+        refused = post_verification(client, keys[Role.CLIENT], image=jpeg_photo())
+    finally:
+        gate.set()
+        for worker in workers:
+            worker.join(10)
+        handle.remove()
+    assert refused.status_code == 503, refused.text
+    assert refused.json()["type"].endswith("/inference-queue-full") and int(refused.headers["Retry-After"]) >= 1
+    assert [a.status_code for a in answers] == [200, 200]
+    assert client.get("/readyz").status_code == 200
+
+
+def _register(settings: Settings, source: Path) -> ModelVersion:
+    database = Database(settings)
+    try:
+        with database.session() as session:
+            return register_checkpoint(session, source=source, settings=settings, actor=Actor.cli("test"))
+    finally:
+        database.dispose()
+
+
+def test_register_is_content_addressed_and_idempotent(seeded_sqlite_template: Any, tmp_path: Path,
+                                                      checkpoint_root: Path) -> None:
+    template, _keys = seeded_sqlite_template
+    settings = served_settings(template, tmp_path / "data", checkpoint=None)
+    source = cached_checkpoint(checkpoint_root)
+    first, second = _register(settings, source), _register(settings, source)
+    assert first.id == second.id and first.status == "candidate"
+    stored = Path(first.path)
+    assert stored == settings.checkpoints_dir / first.sha256 and (stored / "model.safetensors").is_file()
+    assert first.classes == list(SERVED_CLASSES) and first.decision["format_version"] == 1
+
+
+def test_register_refuses_classes_outside_the_catalog(seeded_sqlite_template: Any, tmp_path: Path) -> None:
+    template, _keys = seeded_sqlite_template
+    settings = served_settings(template, tmp_path / "data", checkpoint=None)
+    foreign = make_checkpoint(tmp_path / "foreign", classes=("00378-0208", "99999-0001"), favourite="00378-0208",
+                              fitted=False)
+    with pytest.raises(InvalidInput) as caught:
+        _register(settings, foreign)
+    assert caught.value.slug == "invalid-checkpoint" and "99999-0001" in caught.value.detail
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    with pytest.raises(InvalidInput):
+        _register(settings, broken)
+
+
+def test_serve_with_model_registers_activates_then_runs_uvicorn(
+        seeded_sqlite_template: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, checkpoint_root: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import uvicorn
+
+    template, _keys = seeded_sqlite_template
+    settings = served_settings(template, tmp_path / "data", checkpoint=None)
+    monkeypatch.setenv("RXVERIFY_DATA_DIR", str(settings.data_dir))
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append({"app": app, **kwargs}))
+    source = cached_checkpoint(checkpoint_root)
+    assert cli_main(["serve", "--port", "8123", "--model", str(source)]) == 0
+    assert cli_main(["serve", "--port", "8123", "--model", str(source)]) == 0  # the second run changes nothing
+    assert [c["port"] for c in calls] == [8123, 8123] and "model version 1" in capsys.readouterr().out
+    database = Database(settings)
+    try:
+        with database.session() as session:
+            active = active_model_version(session)
+            assert active is not None and active.status == "promoted"
+            assert session.scalars(select(ActiveState)).one().model_version_id == active.id
+            history = list(session.scalars(select(ModelPromotion)))
+            assert [(h.action, h.to_model_version_id) for h in history] == [("activate", active.id)]
+    finally:
+        database.dispose()
+    foreign = make_checkpoint(tmp_path / "foreign", classes=("00378-0208", "99999-0001"), favourite="00378-0208",
+                              fitted=False)
+    assert cli_main(["serve", "--model", str(foreign)]) == 2 and "99999-0001" in capsys.readouterr().out
+    assert len(calls) == 2
+
+
+def test_a_model_without_a_policy_sends_everything_to_review(seeded_sqlite_template: Any, tmp_path: Path,
+                                                             make_client: Any, checkpoint_root: Path) -> None:
+    template, keys = seeded_sqlite_template
+    settings = served_settings(template, tmp_path / "data",
+                               checkpoint=cached_checkpoint(checkpoint_root, fitted=False))
+    client = make_client(settings)
+    body = post_verification(client, keys[Role.CLIENT], image=jpeg_photo()).json()
+    assert body["verdict"] == "review" and body["predicted_ndc"] == "00378-0208"
+
+
+def test_a_checkpoint_that_fails_to_load_leaves_the_service_up_but_not_ready(
+        seeded_sqlite_template: Any, tmp_path: Path, make_client: Any, checkpoint_root: Path) -> None:
+    template, keys = seeded_sqlite_template
+    settings = served_settings(template, tmp_path / "data", checkpoint=cached_checkpoint(checkpoint_root))
+    for path in settings.checkpoints_dir.glob("*/model.safetensors"):
+        path.write_bytes(b"not safetensors")
+    client = make_client(settings)
+    assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 503
+    response = post_verification(client, keys[Role.CLIENT], image=jpeg_photo())
+    assert response.status_code == 503 and response.json()["type"].endswith("/model-unavailable")
