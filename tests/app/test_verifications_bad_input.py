@@ -65,7 +65,7 @@ def assert_still_ready(env: ApiEnv) -> None:
 
 
 JPEG = jpeg_photo(size=(120, 90))
-UPLOAD_CASES = {
+UPLOAD_CASES: dict[str, tuple[dict[str, Any], int, str]] = {
     "empty file": (dict(image=b""), 422, "image-empty"),
     "text file named .jpg": (dict(image=b"this is not a photo\n" * 20, filename="bottle.jpg"), 415,
                              "unsupported-image-format"),
@@ -98,7 +98,7 @@ def test_bad_upload(bad_env: ApiEnv, case: str) -> None:
     assert_still_ready(bad_env)
 
 
-RAW_CASES = {
+RAW_CASES: dict[str, tuple[list[tuple[str, str | None, bytes]], int, str]] = {
     "missing image part": ([("prescribed_ndc", None, FAVOURITE.encode())], 422, "missing-part"),
     "missing prescribed_ndc part": ([("image", "bottle.jpg", JPEG)], 422, "missing-part"),
     "duplicate image part": ([("image", "a.jpg", JPEG), ("image", "b.jpg", JPEG),
