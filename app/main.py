@@ -9,12 +9,13 @@ from importlib import metadata
 
 from fastapi import FastAPI
 
-from app.api import api_keys, audit, cost_matrices, health, products, verifications
+from app.api import api_keys, audit, cost_matrices, health, models, products, training_jobs, verifications
 from app.config import Settings, get_settings
 from app.db import Database
 from app.log import configure_logging
 from app.middleware import BodySizeLimitMiddleware, ObservabilityMiddleware
 from app.problems import install_problem_handlers
+from app.services.model_follower import follower_lifespan
 from app.services.serving import serving_lifespan
 
 logger = logging.getLogger(__name__)
@@ -54,7 +55,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         logger.info("rxverify API starting", extra={"data_dir": str(settings.data_dir)})
         try:
-            async with serving_lifespan(_app, settings=settings, database=database):  # engine + active model
+            # The engine and the active model, then the follower that hot-swaps it on promotion.
+            async with serving_lifespan(_app, settings=settings, database=database), \
+                    follower_lifespan(_app, settings=settings, database=database):
                 yield
         finally:
             database.dispose()
@@ -69,6 +72,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)
     app.add_middleware(ObservabilityMiddleware)  # added last = outermost: it sees every answer
     for router in (health.router, products.router, cost_matrices.router, api_keys.router, audit.router,
-                   verifications.router):
+                   verifications.router, training_jobs.router, models.router):
         app.include_router(router)
     return app

@@ -1,0 +1,221 @@
+"""Database leases on training jobs: at most one worker runs a job at a time, and orphans are requeued.
+
+A worker claims a job with one conditional UPDATE (queued or running, and no live lease), renews the
+lease from a heartbeat thread, and writes progress and the final status only while it still owns the
+lease. A redelivered or duplicate message finds the lease taken and does nothing. When a worker dies
+(SIGKILL, OOM, a lost node) its lease expires; the reaper, which runs in every worker, puts the job
+back to `queued` with one conditional UPDATE and sends a new message, and the next claim resumes from
+the job's last epoch checkpoint. Clocks of workers are assumed to agree to well within a lease.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from app.db import Database
+from app.orm import TrainingJob, utcnow
+
+logger = logging.getLogger(__name__)
+
+ACTIVE = ("queued", "running")
+UNSENT_GRACE_S = 30.0  # a queued job without a task id this old lost its message (broker down at dispatch)
+
+
+class LeaseLost(RuntimeError):
+    """Another worker took the job over (our lease expired); this attempt must stop without writing."""
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """This worker's hold on one job."""
+
+    job_id: int
+    owner: str
+    ttl_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """The outcome of trying to claim a job: a lease, or why there is none (finished, leased elsewhere...)."""
+
+    lease: Lease | None
+    reason: str
+    attempt: int = 0
+
+
+def new_owner() -> str:
+    """A name unique to this execution: host, process and a random part (two deliveries never share it)."""
+    return f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+
+
+def claim(database: Database, *, job_id: int, ttl_s: float, task_id: str | None) -> Claim:
+    """Take the job's lease and mark it running, unless it is finished or another live lease holds it."""
+    owner = new_owner()
+    now = utcnow()
+    with database.session() as session:
+        taken = session.execute(
+            update(TrainingJob)
+            .where(TrainingJob.id == job_id, TrainingJob.status.in_(ACTIVE),
+                   (TrainingJob.lease_owner.is_(None)) | (TrainingJob.lease_expires_at < now))
+            .values(status="running", lease_owner=owner, lease_expires_at=now + timedelta(seconds=ttl_s),
+                    attempts=TrainingJob.attempts + 1, celery_task_id=task_id or TrainingJob.celery_task_id))
+        if taken.rowcount == 1:  # type: ignore[attr-defined]
+            session.execute(update(TrainingJob).where(TrainingJob.id == job_id, TrainingJob.started_at.is_(None))
+                            .values(started_at=now))
+            attempt = session.scalar(select(TrainingJob.attempts).where(TrainingJob.id == job_id)) or 1
+            return Claim(Lease(job_id, owner, ttl_s), "claimed", attempt)
+        job = session.get(TrainingJob, job_id)
+        if job is None:
+            return Claim(None, "missing")
+        if job.status not in ACTIVE:
+            return Claim(None, f"already {job.status}")
+        return Claim(None, f"leased by {job.lease_owner} until {job.lease_expires_at}")
+
+
+def _owned(session: Session, lease: Lease) -> Any:
+    return update(TrainingJob).where(TrainingJob.id == lease.job_id, TrainingJob.lease_owner == lease.owner,
+                                     TrainingJob.status == "running")
+
+
+def renew(database: Database, lease: Lease) -> bool:
+    """Extend the lease; False when it is no longer ours."""
+    with database.session() as session:
+        result = session.execute(_owned(session, lease)
+                                 .values(lease_expires_at=utcnow() + timedelta(seconds=lease.ttl_s)))
+        return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+def update_owned(session: Session, lease: Lease, **values: Any) -> None:
+    """Update the job's row in the caller's transaction; LeaseLost when the lease is no longer ours."""
+    result = session.execute(_owned(session, lease).values(**values))
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        raise LeaseLost(f"training job {lease.job_id} is no longer leased by {lease.owner}")
+
+
+def write(database: Database, lease: Lease, **values: Any) -> None:
+    """Update the job's row in its own short transaction (progress, checkpoint path)."""
+    with database.session() as session:
+        update_owned(session, lease, **values)
+
+
+def finish(session: Session, lease: Lease, *, status: str, **values: Any) -> None:
+    """Set a final status and drop the lease, in the caller's transaction (LeaseLost if it is not ours)."""
+    update_owned(session, lease, status=status, finished_at=utcnow(), lease_owner=None, lease_expires_at=None,
+                 **values)
+
+
+def release(database: Database, lease: Lease, *, progress: dict[str, Any]) -> None:
+    """Put the job back to queued (time limit reached: a retry continues from its checkpoint)."""
+    with database.session() as session:
+        update_owned(session, lease, status="queued", lease_owner=None, lease_expires_at=None, progress=progress)
+
+
+def cancel_requested(database: Database, job_id: int) -> bool:
+    """Whether someone asked the job to stop."""
+    with database.session() as session:
+        return bool(session.scalar(select(TrainingJob.cancel_requested).where(TrainingJob.id == job_id)))
+
+
+class Heartbeat:
+    """A daemon thread renewing a lease every third of its TTL; `lost` is set once the lease is gone."""
+
+    def __init__(self, database: Database, lease: Lease) -> None:
+        self.database, self.lease = database, lease
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{lease.job_id}", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        interval = self.lease.ttl_s / 3
+        while not self._stop.wait(interval):
+            try:
+                if not renew(self.database, self.lease):
+                    logger.error("lost the lease on training job %s; stopping this attempt", self.lease.job_id)
+                    self.lost.set()
+                    return
+            except Exception:  # a database blip: try again next beat (the lease outlives two misses)
+                logger.exception("could not renew the lease on training job %s", self.lease.job_id)
+
+
+def requeue_orphans(database: Database, *, send: Callable[[int, str | None], Any],
+                    unsent_grace_s: float = UNSENT_GRACE_S) -> list[int]:
+    """Requeue running jobs whose lease expired and resend queued jobs whose message never left; returns ids."""
+    now = utcnow()
+    requeued: list[int] = []
+    with database.session() as session:
+        expired = list(session.scalars(select(TrainingJob.id).where(TrainingJob.status == "running",
+                                                                    TrainingJob.lease_expires_at < now)))
+        unsent = list(session.scalars(select(TrainingJob.id).where(
+            TrainingJob.status == "queued", TrainingJob.celery_task_id.is_(None),
+            TrainingJob.created_at < now - timedelta(seconds=unsent_grace_s))))
+    for job_id in expired:
+        with database.session() as session:
+            job = session.get(TrainingJob, job_id)
+            progress = dict(job.progress or {}) if job is not None else {}
+            progress["phase"] = "requeued"
+            # Conditional: of several reapers, exactly one moves the job back to queued and sends it.
+            result = session.execute(update(TrainingJob).where(
+                TrainingJob.id == job_id, TrainingJob.status == "running", TrainingJob.lease_expires_at < now)
+                .values(status="queued", lease_owner=None, lease_expires_at=None, progress=progress))
+            won = result.rowcount == 1  # type: ignore[attr-defined]
+        if won:
+            logger.warning("training job %s lost its worker (lease expired); requeued", job_id)
+            send(job_id, None)
+            requeued.append(job_id)
+    for job_id in unsent:
+        task_id = str(uuid.uuid4())
+        with database.session() as session:
+            result = session.execute(update(TrainingJob).where(
+                TrainingJob.id == job_id, TrainingJob.status == "queued", TrainingJob.celery_task_id.is_(None))
+                .values(celery_task_id=task_id))
+            won = result.rowcount == 1  # type: ignore[attr-defined]
+        if won:
+            logger.warning("training job %s was never sent to the broker; sending it now", job_id)
+            send(job_id, task_id)
+            requeued.append(job_id)
+    return requeued
+
+
+class Reaper:
+    """Runs `requeue_orphans` at start and then every lease TTL, on a daemon thread of the worker."""
+
+    def __init__(self, database: Database, *, send: Callable[[int, str | None], Any], interval_s: float) -> None:
+        self.database, self.send, self.interval_s = database, send, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="training-reaper", daemon=True)
+
+    def start(self) -> None:
+        """Start the thread."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop after the current pass."""
+        self._stop.set()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                requeue_orphans(self.database, send=self.send)
+            except Exception:
+                logger.exception("the training-job reaper failed; retrying")
+            if self._stop.wait(self.interval_s):
+                return

@@ -1,0 +1,147 @@
+"""After training: evaluate candidate and parent, fit the verdict policy, register, maybe promote, finish.
+
+Candidate and parent are scored on the valid and test splits of the job's dataset under the job's cost
+matrix; the verdict thresholds are fitted on the candidate's validation outputs (its temperature was
+fitted there by run_training). The model version, the job's final status and an automatic promotion
+are written in ONE transaction that also checks the job's lease, so a worker that lost its lease writes
+nothing. The "model promoted" notification goes out after that commit.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import subprocess
+import time
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+from app.config import Settings
+from app.db import Database
+from app.orm import ModelVersion, Role
+from app.services import evaluation, promotion
+from app.services.audit import Actor
+from app.services.model_registry import find_by_sha256, register_checkpoint
+from models.commands.train import TrainOutcome
+from models.costs import CostMatrix
+from worker import leases
+from worker.leases import Lease
+from worker.training import Hooks, JobSpec, Workdir
+
+logger = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """`<package version>` plus `+g<commit>` when running from a git checkout."""
+    try:
+        version = importlib_metadata.version("rxverify")
+    except importlib_metadata.PackageNotFoundError:
+        version = "0+unknown"
+    try:
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                                text=True, timeout=5, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return version
+    return f"{version}+g{commit}" if commit else version
+
+
+def worker_actor(job_id: int) -> Actor:
+    """The identity a job's registrations and promotions are recorded under."""
+    return Actor(name=f"worker:training-job {job_id}", role=Role.ADMIN)
+
+
+def fit_verdict_policy(valid: evaluation.SplitEvaluation, *, classes: tuple[str, ...], cost_matrix: CostMatrix,
+                       critical_cost: float, seed: int) -> dict[str, Any]:
+    """Thresholds and conformal quantiles fitted on validation; review-only when valid is too small."""
+    from models.decision import VerdictPolicy, fit_policy
+
+    try:
+        policy = fit_policy(valid.probs, valid.labels, cost_matrix=cost_matrix.reindexed(classes),
+                            critical_cost=critical_cost, classes=classes, seed=seed)
+    except ValueError as error:
+        logger.warning("verdict policy not fitted (%s); the model will send every fill to review", error)
+        policy = VerdictPolicy.review_only(classes, critical_cost=critical_cost)
+        return {**policy.to_dict(), "report": {"fitted": False, "why": str(error)}}
+    return policy.to_dict()
+
+
+def _decision_summary(decision: dict[str, Any]) -> dict[str, Any]:
+    report = decision.get("report", {})
+    keys = ("fitted", "n", "review_rate", "correct_fill_review_rate", "critical_accepts", "mean_set_size")
+    return {"accept_risk": decision.get("accept_risk"), "mismatch_probability": decision.get("mismatch_probability"),
+            **{k: report[k] for k in keys if k in report}}
+
+
+def register_and_finish(*, database: Database, settings: Settings, spec: JobSpec, lease: Lease, hooks: Hooks,
+                        outcome: TrainOutcome, data_root: Path, workdir: Workdir, started: float) -> dict[str, Any]:
+    """Evaluate, fit, register, auto-promote and mark the job succeeded; returns the job's result."""
+    from models.checkpoint import read_metadata, with_updated_metadata
+
+    assert outcome.checkpoint is not None and outcome.metadata is not None
+    hooks.progress.update(phase="evaluating", eta_s=0.0)
+    hooks.write()
+    costs = CostMatrix.read_csv(workdir.costs, spec.classes)
+    candidate = evaluation.evaluate_checkpoint(outcome.checkpoint, data_root=data_root, cost_matrix=costs,
+                                               device=settings.device)
+    parent = evaluation.evaluate_checkpoint(spec.base_path, data_root=data_root, cost_matrix=costs,
+                                            device=settings.device)
+    decision = fit_verdict_policy(candidate["valid"], classes=outcome.metadata.classes, cost_matrix=costs,
+                                  critical_cost=settings.critical_cost_threshold, seed=spec.seed)
+    with_updated_metadata(outcome.checkpoint, workdir.final, decision=decision)
+    hooks.progress.update(phase="registering")
+    hooks.write()
+    reports = {split: result.report for split, result in candidate.items()}
+    parent_reports = {split: result.report for split, result in parent.items()}
+    metrics = {**reports, "parent": {"model_version_id": spec.base_model_id, **parent_reports},
+               "comparison": evaluation.comparison(candidate=reports, parent=parent_reports, cost_matrix=costs),
+               "evaluation": {"dataset_id": spec.dataset_id, "dataset": spec.dataset_name,
+                              "dataset_fingerprint": spec.dataset_fingerprint,
+                              "cost_matrix_version_id": spec.cost_matrix_version_id, "splits": ["valid", "test"]},
+               "train": outcome.metadata.metrics.get("train", {}), "temperature": outcome.metadata.temperature,
+               "feedback_images": len(spec.feedback)}
+    actor = worker_actor(spec.job_id)
+    promoted: int | None = None
+    with database.session() as session:
+        existed = find_by_sha256(session, outcome.weights_sha256 or "") is not None
+        version = register_checkpoint(session, source=workdir.final, settings=settings, actor=actor)
+        if not existed:
+            _set_lineage(version, spec=spec, metrics=metrics, dataset_fingerprint=read_metadata(workdir.final)
+                         .dataset_fingerprint)
+            session.flush()
+        result: dict[str, Any] = {
+            "model_version_id": version.id, "weights_sha256": version.sha256, "new_version": not existed,
+            "valid": evaluation.summary(reports["valid"]), "test": evaluation.summary(reports["test"]),
+            "parent_valid": evaluation.summary(parent_reports["valid"]),
+            "parent_test": evaluation.summary(parent_reports["test"]),
+            "decision": _decision_summary(decision), "epochs_completed": outcome.fit.epochs_completed,
+            "attempt_wall_s": round(time.monotonic() - started, 3)}
+        if spec.auto_promote:
+            result["promotion"] = promotion.auto_promote(session, settings, candidate=version, actor=actor,
+                                                         job_id=spec.job_id)
+            promoted = version.id if result["promotion"].get("promoted") else None
+        else:
+            result["promotion"] = {"attempted": False}
+        hooks.progress.update(phase="done", fraction=1.0, eta_s=0.0)
+        leases.finish(session, lease, status="succeeded", result=result, error=None,
+                      result_model_version_id=version.id, progress=dict(hooks.progress))
+    if promoted is not None:
+        promotion.publish_active_change(settings, model_version_id=promoted, action="auto_promote")
+    logger.info("training job %s succeeded: model version %s%s", spec.job_id, result["model_version_id"],
+                " (promoted)" if promoted else "")
+    return result
+
+
+def _set_lineage(version: ModelVersion, *, spec: JobSpec, metrics: dict[str, Any],
+                 dataset_fingerprint: str | None) -> None:
+    """Lineage and metrics of a version this job created (set once, in the transaction that creates it)."""
+    version.parent_id = spec.base_model_id
+    version.cost_matrix_version_id = spec.cost_matrix_version_id
+    version.dataset_id = spec.dataset_id
+    version.dataset_fingerprint = dataset_fingerprint
+    version.code_version = code_version()
+    version.metrics = metrics
+    version.created_by = worker_actor(spec.job_id).name

@@ -1,0 +1,153 @@
+"""Celery tasks. `rxverify.training.run_job(job_id)` runs one training job; `JobTask` owns its status.
+
+Delivery guarantees come from the Celery settings (acks_late, prefetch 1, reject on worker lost, a
+visibility timeout above the hard limit) plus the job's database lease (worker/leases.py): a redelivered
+or duplicate message for a job that is finished or leased elsewhere returns at once. The soft time limit
+is enforced twice: by Celery (SoftTimeLimitExceeded, prefork pool) and by the task itself (the solo pool
+that GPU workers use has no time limits); either way the job keeps its last epoch checkpoint, goes back
+to `queued` and is retried, and the retry resumes from that checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from typing import Any
+
+from celery import Task
+from celery.exceptions import Retry, SoftTimeLimitExceeded
+from celery.signals import worker_ready, worker_shutdown
+
+from app.config import Settings
+from app.db import Database
+from app.log import bind_request_id
+from worker import leases
+from worker.celery_app import celery_app
+
+logger = logging.getLogger(__name__)
+
+RUN_JOB = "rxverify.training.run_job"
+MAX_TIME_LIMIT_RETRIES = 20
+
+
+class JobTask(Task):  # type: ignore[misc]
+    """Base of job tasks: claims the lease, and owns every status transition (running -> final or queued)."""
+
+    abstract = True
+    acks_late = True
+    reject_on_worker_lost = True
+    _database: Database | None = None
+
+    @property
+    def settings(self) -> Settings:
+        """The Settings the Celery app was built from."""
+        settings: Settings = self.app.conf.rxverify_settings
+        return settings
+
+    @property
+    def database(self) -> Database:
+        """One Database per worker process (created lazily, after any fork)."""
+        if JobTask._database is None:
+            JobTask._database = Database(self.settings)
+        return JobTask._database
+
+    def run_job(self, job_id: int) -> dict[str, Any]:
+        """Claim the job, run one attempt under a heartbeat, and record how it ended."""
+        claim = leases.claim(self.database, job_id=job_id, ttl_s=self.settings.training_lease_s,
+                             task_id=self.request.id)
+        if claim.lease is None:
+            logger.info("training job %s not run by this delivery: %s", job_id, claim.reason)
+            return {"job_id": job_id, "skipped": claim.reason}
+        lease = claim.lease
+        logger.info("training job %s claimed by %s (attempt %d)", job_id, lease.owner, claim.attempt)
+        started = time.monotonic()
+        deadline = started + self.settings.task_soft_time_limit_s
+        with leases.Heartbeat(self.database, lease) as heartbeat:
+            try:
+                return self._attempt(job_id, lease=lease, heartbeat=heartbeat, started=started, deadline=deadline)
+            except leases.LeaseLost:
+                logger.warning("training job %s: lease lost; another attempt owns it now", job_id)
+                return {"job_id": job_id, "skipped": "lease lost"}
+            except SoftTimeLimitExceeded:
+                return self._time_limited(job_id, lease=lease, progress={})
+            except Retry:
+                raise
+            except Exception as error:
+                logger.exception("training job %s failed", job_id)
+                self._fail(lease, error)
+                return {"job_id": job_id, "status": "failed", "error": str(error)}
+
+    def _attempt(self, job_id: int, *, lease: leases.Lease, heartbeat: leases.Heartbeat, started: float,
+                 deadline: float) -> dict[str, Any]:
+        from worker import registration, training
+
+        spec = training.load_spec(self.database, self.settings, job_id)
+        outcome, hooks, data_root, workdir = training.run(database=self.database, settings=self.settings,
+                                                          spec=spec, lease=lease, heartbeat=heartbeat,
+                                                          deadline=deadline)
+        if heartbeat.lost.is_set():
+            raise leases.LeaseLost(f"training job {job_id} lost its lease")
+        if outcome.stopped:
+            if hooks.stop_reason == "cancelled":
+                hooks.progress.update(phase="cancelled", eta_s=None)
+                with self.database.session() as session:
+                    leases.finish(session, lease, status="cancelled", progress=dict(hooks.progress),
+                                  result={"cancelled_after_epochs": outcome.fit.epochs_completed})
+                logger.info("training job %s cancelled", job_id)
+                return {"job_id": job_id, "status": "cancelled"}
+            return self._time_limited(job_id, lease=lease, progress=hooks.progress)
+        result = registration.register_and_finish(database=self.database, settings=self.settings, spec=spec,
+                                                  lease=lease, hooks=hooks, outcome=outcome, data_root=data_root,
+                                                  workdir=workdir, started=started)
+        return {"job_id": job_id, "status": "succeeded", "model_version_id": result["model_version_id"]}
+
+    def _time_limited(self, job_id: int, *, lease: leases.Lease, progress: dict[str, Any]) -> dict[str, Any]:
+        """Back to queued with the last epoch checkpoint kept, then retried (it resumes from the checkpoint)."""
+        retries = int(self.request.retries or 0)
+        if retries >= MAX_TIME_LIMIT_RETRIES:
+            self._fail(lease, RuntimeError(f"the soft time limit was reached {retries + 1} times"))
+            return {"job_id": job_id, "status": "failed"}
+        leases.release(self.database, lease, progress={**progress, "phase": "requeued", "requeued_because":
+                                                       "soft time limit"})
+        logger.warning("training job %s reached the soft time limit; retrying from its checkpoint", job_id)
+        raise self.retry(countdown=1, max_retries=MAX_TIME_LIMIT_RETRIES)
+
+    def _fail(self, lease: leases.Lease, error: BaseException) -> None:
+        message = f"{type(error).__name__}: {error}"
+        try:
+            with self.database.session() as session:
+                leases.finish(session, lease, status="failed", error=message,
+                              result={"traceback": traceback.format_exception(error)[-3:]})
+        except leases.LeaseLost:
+            logger.warning("training job %s failed after its lease was lost; not recorded", lease.job_id)
+
+
+@celery_app.task(bind=True, base=JobTask, name=RUN_JOB)
+def run_job(self: JobTask, job_id: int) -> dict[str, Any]:
+    """Run training job `job_id` (the message carries the id only; everything else is read from the DB)."""
+    with bind_request_id(f"job-{job_id}"):
+        return self.run_job(job_id)
+
+
+_reaper: leases.Reaper | None = None
+
+
+@worker_ready.connect
+def _start_reaper(sender: Any = None, **_kwargs: Any) -> None:
+    """Every worker requeues jobs whose worker died (expired lease) and jobs whose message never left."""
+    global _reaper
+    app = getattr(sender, "app", None) or celery_app
+    settings: Settings = app.conf.rxverify_settings
+
+    def send(job_id: int, task_id: str | None) -> None:
+        app.send_task(RUN_JOB, args=[job_id], task_id=task_id)
+
+    _reaper = leases.Reaper(Database(settings), send=send, interval_s=max(settings.training_lease_s, 1.0))
+    _reaper.start()
+
+
+@worker_shutdown.connect
+def _stop_reaper(**_kwargs: Any) -> None:
+    if _reaper is not None:
+        _reaper.stop()
