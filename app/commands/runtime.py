@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
+from app.commands.supervisor import (
+    WorkerSupervisor,
+    embedded_worker_command,
+    wants_embedded_worker,
+    watch_parent,
+)
 from app.config import get_settings
 from app.log import configure_logging
 
@@ -17,6 +24,10 @@ def register(sub: Any, groups: dict[str, Any]) -> None:
     serve.add_argument("--port", type=int, default=None, help="port (default RXVERIFY_PORT, 8000)")
     serve.add_argument("--model", default=None, metavar="CKPT_DIR",
                        help="register this checkpoint (if new; classes checked against the catalog) and activate it")
+    serve.add_argument("--worker", dest="worker", action="store_true", default=None,
+                       help="also run and supervise one local training worker (default with the embedded broker)")
+    serve.add_argument("--no-worker", dest="worker", action="store_false",
+                       help="do not start a local worker (use separate `rxverify worker` processes)")
     serve.set_defaults(func=serve_command)
 
     worker = sub.add_parser("worker", help="run a Celery worker (default and training queues)")
@@ -26,6 +37,7 @@ def register(sub: Any, groups: dict[str, Any]) -> None:
                         help="solo (default) is required on GPU workers: CUDA cannot be used after fork")
     worker.add_argument("--concurrency", type=int, default=1)
     worker.add_argument("--hostname", default=None, help="worker node name (default rxverify@HOST)")
+    worker.add_argument("--exit-with-parent", type=int, default=None, metavar="PID", help=argparse.SUPPRESS)
     worker.set_defaults(func=worker_command)
 
 
@@ -46,8 +58,17 @@ def serve_command(args: argparse.Namespace) -> int:
             print(f"error: {error.detail}")
             return 2
         print(f"model version {version_id} from {args.model} is active")
-    uvicorn.run("app.main:create_app", factory=True, host=args.host or settings.host, port=args.port or settings.port,
-                log_config=None, access_log=False, proxy_headers=True)
+    supervisor = None
+    if wants_embedded_worker(settings, getattr(args, "worker", None)):
+        # Embedded mode: one local worker process on the SQLite broker, restarted if it dies.
+        supervisor = WorkerSupervisor(embedded_worker_command(parent_pid=os.getpid()))
+        supervisor.start()
+    try:
+        uvicorn.run("app.main:create_app", factory=True, host=args.host or settings.host,
+                    port=args.port or settings.port, log_config=None, access_log=False, proxy_headers=True)
+    finally:
+        if supervisor is not None:
+            supervisor.stop()
     return 0
 
 
@@ -64,5 +85,7 @@ def worker_command(args: argparse.Namespace) -> int:
             "--loglevel", settings.log_level]
     if args.hostname:
         argv += ["--hostname", args.hostname]
+    if getattr(args, "exit_with_parent", None):
+        watch_parent(args.exit_with_parent)
     app.worker_main(argv)
     return 0
