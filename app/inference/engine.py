@@ -4,8 +4,9 @@ Request path (`predict_image`): the caller grabs the current `ServedModel` bundl
 preprocesses the upload with that bundle's `EvalPreset` in a worker thread (never on the event loop),
 then `submit`s the tensor. One asyncio task collects up to `max_batch_size` requests, waiting at most
 `max_wait_ms` after the first, and runs the forward pass on one dedicated torch thread. With
-`adaptive_wait` (the default) it only waits while some other request is being preprocessed and can still
-join; a lone request at low load runs at once instead of paying `max_wait_ms` for nothing.
+`adaptive_wait` (the default) it only waits while some request inside `using_current` has not submitted
+yet (it is still being preprocessed and can join); a lone request at low load runs at once instead of
+paying `max_wait_ms` for nothing. Routes that preprocess themselves should do it inside `using_current`.
 
 Swaps (`swap_to`): the new checkpoint is loaded in a thread and warmed up on the torch thread, then ONE
 reference (`self._current`) is replaced. Every queued request carries the bundle it was preprocessed
@@ -128,7 +129,8 @@ class InferenceEngine:
         self._executor: ThreadPoolExecutor | None = None
         self._swap_lock: asyncio.Lock | None = None
         self._stopping = False
-        self._preparing = 0  # requests inside predict_image that are decoding/preprocessing right now
+        self._leases = 0  # requests inside using_current (preprocessing, queued or computing)
+        self._outstanding = 0  # submitted requests not answered yet
         self._batch_seconds = 0.05  # running estimate for Retry-After
 
     # --- state ------------------------------------------------------------------------------------
@@ -168,19 +170,22 @@ class InferenceEngine:
         """Hold the current bundle for one request (event-loop thread), so a swap waits for it before freeing."""
         served = self.current
         self._hold(served)
+        self._leases += 1
         try:
             yield served
         finally:
+            self._leases -= 1
             self._release(served)
+
+    @property
+    def _preparing(self) -> int:
+        """Requests holding a bundle that have not submitted yet: they may still join the next batch."""
+        return max(0, self._leases - self._outstanding)
 
     async def predict_image(self, data: bytes, *, limits: ImageLimits) -> Prediction:
         """Decode + preprocess in a worker thread for the current model, then run it in a batch."""
         with self.using_current() as served:
-            self._preparing += 1
-            try:
-                tensor = await run_in_threadpool(served.preprocess, data, limits=limits)
-            finally:
-                self._preparing -= 1
+            tensor = await run_in_threadpool(served.preprocess, data, limits=limits)
             return await self.submit(tensor, served=served)
 
     async def submit(self, tensor: torch.Tensor, *, served: ServedModel) -> Prediction:
@@ -199,9 +204,11 @@ class InferenceEngine:
                             retry_after_s=max(1, math.ceil(waves * self._batch_seconds))) from None
         self.metrics.queue_depth.set(self._queue.qsize())
         self._hold(served)
+        self._outstanding += 1
         try:
             return await future
         finally:
+            self._outstanding -= 1
             self._release(served)
 
     def _hold(self, served: ServedModel) -> None:
