@@ -18,7 +18,7 @@ attacked (sample, pair) rows grows with the number of pairs, i.e. with K^2 over 
 Stochastic (Algorithm 3, `stochastic=True`): each step samples one pair (a, b) with probability
 q(a, b) = c~(a, b) over the pairs whose source class has training samples, then draws M samples of
 class a through a per-class index of the training set (uniformly, without replacement when the
-class has at least M samples). The adversarial term of the step is
+class has at least M samples; M defaults to the batch size). The adversarial term of the step is
 
     lambda * w(a, b) * mean_{j=1..M} CE(x_j + delta_j^(a, b), a),   w(a, b) = c~(a, b) * pi_a / q(a, b).
 
@@ -31,6 +31,14 @@ class-a samples that happen to be in the batch, which has the same expectation (
 them, averaged over |B|) but no adversarial term at all whenever the batch holds no class-a sample;
 drawing from the class index puts one in every step. Samples that Algorithm 1 skips stay in the mean
 with delta = 0, as in eq. (5); averaging over attacked samples only would bias the estimate.
+
+`pairs_per_step` = P > 1 draws P pairs independently per step (M = batch size / P rows each by
+default, so the attack cost stays that of one batch) and averages their terms, each row weighing
+w(a, b) / (P * M): still unbiased, with P times less pair-sampling variance. This matters with
+Adam, which rescales each step's gradient, so a single noisy pair per step moves the weights as
+much as the whole objective would. A 3-seed check on sklearn digits (interpolating MLP, Pareto costs,
+L2 eps 1, tau 1, Adam lr 1e-4, 10 epochs) gave mean test cost over baseline of 0.98-1.12 with P = 1,
+0.75-0.84 with P = 16 and 0.65 with Algorithm 2.
 
 The clean and adversarial inputs go through the model in one forward pass (one batch-norm batch when
 BN is not frozen, and one backward pass).
@@ -73,7 +81,8 @@ class CsadaConfig:
     clamp: tuple[float, float] | None = None  # valid input range, or None (the authors' code)
     stochastic: bool = True  # Algorithm 3 (one pair per step) instead of Algorithm 2 (all pairs)
     on_reject: OnReject = "stay"  # a rejected sample keeps trying ("stay") or ends ("stop")
-    attack_batch_size: int | None = None  # M, class-a draws per step; None: the training batch size
+    attack_batch_size: int | None = None  # M, draws per sampled pair; None: batch size / pairs_per_step
+    pairs_per_step: int = 1  # P, pairs sampled per step (Algorithm 3 has 1; more lowers the variance)
 
     def __post_init__(self) -> None:
         if self.lam < 0 or self.eps < 0 or self.steps < 0 or self.step_size < 0 or self.tau < 0:
@@ -84,6 +93,8 @@ class CsadaConfig:
             raise ValueError(f"on_reject must be 'stay' or 'stop' (got {self.on_reject!r})")
         if self.attack_batch_size is not None and self.attack_batch_size < 1:
             raise ValueError("attack_batch_size must be >= 1")
+        if self.pairs_per_step < 1:
+            raise ValueError("pairs_per_step must be >= 1")
         if self.clamp is not None:
             object.__setattr__(self, "clamp", (float(self.clamp[0]), float(self.clamp[1])))
 
@@ -120,9 +131,8 @@ class PairSampler:
             raise ValueError("no pair with a positive cost has a source class present in the training set")
         self.c_tilde = tempered
         self.probabilities = allowed / mass
-        self.weights = np.where(self.probabilities > 0,
-                                tempered * self.share[:, None] / np.where(allowed > 0, self.probabilities, 1.0),
-                                0.0)
+        # w = c~ * pi_a / q with q = c~ / mass, i.e. mass * pi_a (= pi_a when every class is present).
+        self.weights = np.where(self.probabilities > 0, mass * self.share[:, None], 0.0)
 
     def draw(self, rng: np.random.Generator, *, size: int) -> tuple[int, int, float, np.ndarray]:
         """One pair (a, b), its weight w(a, b) and `size` indices of class-a samples."""
@@ -133,10 +143,30 @@ class PairSampler:
         indices = rng.choice(members, size=size, replace=size > members.size)
         return a, b, float(self.weights[a, b]), indices
 
-    def schedule(self, *, seed: int, epoch: int, steps: int, size: int) -> list[tuple[int, int, float, np.ndarray]]:
-        """The epoch's draws, a pure function of (seed, epoch), so a resumed epoch repeats them."""
+    def schedule(self, *, seed: int, epoch: int, steps: int, size: int,
+                 pairs: int = 1) -> list[list[tuple[int, int, float, np.ndarray]]]:
+        """The epoch's draws (`pairs` per step), a pure function of (seed, epoch): a resumed epoch repeats them."""
         rng = np.random.default_rng([seed, epoch, _STREAM_TAG])
-        return [self.draw(rng, size=size) for _ in range(steps)]
+        return [[self.draw(rng, size=size) for _ in range(pairs)] for _ in range(steps)]
+
+
+@dataclass(frozen=True)
+class AdversarialDraw:
+    """One step's attacked rows (stochastic CSADA): inputs, labels, and per-row target and loss weight."""
+
+    pairs: tuple[tuple[int, int], ...]  # the sampled (a, b) pairs
+    x: Tensor
+    y: Tensor
+    target: Tensor  # (rows,) the pair's b for each row
+    weight: Tensor  # (rows,) w(a, b) / (pairs * M): the rows' weighted CE sums to the unbiased estimate
+
+    @classmethod
+    def from_pairs(cls, draws: Sequence[tuple[int, int, float, np.ndarray]], x: Tensor, y: Tensor) -> AdversarialDraw:
+        """Assemble from `PairSampler.draw` results and the loaded rows, in the same order."""
+        targets = [torch.full((len(idx),), b, dtype=torch.long) for _, b, _, idx in draws]
+        weights = [torch.full((len(idx),), w / (len(draws) * len(idx))) for _, _, w, idx in draws]
+        return cls(pairs=tuple((a, b) for a, b, _, _ in draws), x=x, y=y, target=torch.cat(targets),
+                   weight=torch.cat(weights))
 
 
 class CsadaMethod(Method):
@@ -164,14 +194,16 @@ class CsadaMethod(Method):
 
     def epoch_stream(self, *, epoch: int, seed: int, steps: int, batch_size: int,
                      loader: Any) -> Iterable[Any] | None:
-        """Per step: (a, b, w, x_a, y_a), the class-a draws loaded like the training batches."""
+        """Per step: an AdversarialDraw of the sampled pairs' source-class rows, loaded like the batches."""
         if not self.config.stochastic:
             return None
         if self.sampler is None or self.dataset is None:
             raise RuntimeError("CsadaMethod.setup(train_dataset=...) must run before training")
-        size = self.config.attack_batch_size or batch_size
-        plan = self.sampler.schedule(seed=seed, epoch=epoch, steps=steps, size=size)
-        batches = DataLoader(self.dataset, batch_sampler=[indices.tolist() for _, _, _, indices in plan],
+        pairs = self.config.pairs_per_step
+        size = self.config.attack_batch_size or max(1, -(-batch_size // pairs))
+        plan = self.sampler.schedule(seed=seed, epoch=epoch, steps=steps, size=size, pairs=pairs)
+        batches = DataLoader(self.dataset,
+                             batch_sampler=[np.concatenate([d[3] for d in step]).tolist() for step in plan],
                              num_workers=getattr(loader, "num_workers", 0),
                              collate_fn=getattr(loader, "collate_fn", None),
                              pin_memory=getattr(loader, "pin_memory", False))
@@ -182,11 +214,10 @@ class CsadaMethod(Method):
         if self.config.stochastic:
             if extra is None:
                 raise RuntimeError("stochastic CSADA needs the epoch stream's class-a draws")
-            _, target, weight, x_a, y_a = extra
-            x_a, y_a = x_a.to(x.device, non_blocking=True), y_a.to(x.device, non_blocking=True)
-            result = self._attack(model, x_a, y_a, torch.full_like(y_a, target))
-            row_weights = torch.full((x_a.shape[0],), weight / x_a.shape[0], device=x.device)
-            return self._loss(model, x, y, x_a + result.delta, y_a, row_weights, [result])
+            draw: AdversarialDraw = extra
+            x_a, y_a = draw.x.to(x.device, non_blocking=True), draw.y.to(x.device, non_blocking=True)
+            result = self._attack(model, x_a, y_a, draw.target.to(x.device))
+            return self._loss(model, x, y, x_a + result.delta, y_a, draw.weight.to(x.device), [result])
         costs = torch.as_tensor(self.tempered, dtype=torch.float32, device=x.device)
         rows, targets = torch.nonzero(costs[y] > 0, as_tuple=True)
         if rows.numel() == 0:
@@ -216,9 +247,10 @@ class CsadaMethod(Method):
         return LossOutput(clean + self.config.lam * adversarial, stats)
 
 
-def _zip_plan(plan: list[tuple[int, int, float, np.ndarray]], batches: DataLoader[Any]) -> Iterator[Any]:
-    for (a, b, weight, _), batch in zip(plan, batches, strict=True):
-        yield a, b, weight, batch[0], batch[1]
+def _zip_plan(plan: list[list[tuple[int, int, float, np.ndarray]]],
+              batches: DataLoader[Any]) -> Iterator[AdversarialDraw]:
+    for draws, batch in zip(plan, batches, strict=True):
+        yield AdversarialDraw.from_pairs(draws, batch[0], batch[1])
 
 
 def dataset_labels(dataset: Dataset[Any]) -> np.ndarray:

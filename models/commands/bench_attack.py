@@ -158,7 +158,7 @@ def _step_cost(*, model: Any, x: Any, labels: Any, targets: Any, classes: int, s
     import torch
 
     from models.costs import CostMatrix
-    from models.csada import CsadaConfig, CsadaMethod
+    from models.csada import AdversarialDraw, CsadaConfig, CsadaMethod
     from models.methods import BaselineMethod, Method
 
     cost_matrix = CostMatrix.uniform([str(k) for k in range(classes)])
@@ -168,7 +168,9 @@ def _step_cost(*, model: Any, x: Any, labels: Any, targets: Any, classes: int, s
     # One sampled pair: the source class is the batch's most common label, the target its runner-up.
     source = int(torch.mode(labels).values)
     target = int(torch.mode(targets[labels == source]).values)
-    extra = (source, target, 1.0 / classes, x, torch.full_like(labels, source))
+    rows = labels.shape[0]
+    extra = AdversarialDraw(pairs=((source, target),), x=x, y=torch.full_like(labels, source),
+                            target=torch.full_like(labels, target), weight=torch.full((rows,), 1.0 / (classes * rows)))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     active_steps: list[float] = []
 

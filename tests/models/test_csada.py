@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from models.costs import CostMatrix
-from models.csada import CsadaConfig, CsadaMethod, PairSampler, dataset_labels
+from models.csada import AdversarialDraw, CsadaConfig, CsadaMethod, PairSampler, dataset_labels
 from models.methods import create_method
 
 CLASSES = ("a", "b", "c")
@@ -92,7 +92,8 @@ def test_stochastic_estimator_is_unbiased_for_the_full_objective() -> None:
         if q == 0:
             continue
         members = y == a
-        extra = (a, b, float(stochastic.sampler.weights[a, b]), x[members], y[members])
+        draw = (a, b, float(stochastic.sampler.weights[a, b]), np.flatnonzero(members.numpy()))
+        extra = AdversarialDraw.from_pairs([draw], x[members], y[members])
         expected += q * float(stochastic.compute_loss(model, x, y, extra=extra).loss.detach() - clean)
     assert full_adversarial > 0
     assert expected == pytest.approx(full_adversarial, rel=1e-4)
@@ -107,10 +108,26 @@ def test_epoch_stream_is_deterministic_and_always_has_an_attack() -> None:
     again = list(method.epoch_stream(epoch=2, seed=7, steps=6, batch_size=4, loader=loader) or [])
     other = list(method.epoch_stream(epoch=3, seed=7, steps=6, batch_size=4, loader=loader) or [])
     assert len(first) == 6
-    for (a, b, weight, xa, ya), (a2, b2, _, xa2, _) in zip(first, again, strict=True):
-        assert (a, b) == (a2, b2) and torch.equal(xa, xa2)
-        assert xa.shape[0] == 5 and bool((ya == a).all()) and weight > 0 and a != b
-    assert any(not torch.equal(f[3], o[3]) for f, o in zip(first, other, strict=True))
+    for draw, repeat in zip(first, again, strict=True):
+        ((a, b),) = draw.pairs
+        assert draw.pairs == repeat.pairs and torch.equal(draw.x, repeat.x)
+        assert draw.x.shape[0] == 5 and bool((draw.y == a).all()) and bool((draw.target == b).all()) and a != b
+        assert bool((draw.weight > 0).all())
+    assert any(not torch.equal(f.x, o.x) for f, o in zip(first, other, strict=True))
+
+
+def test_several_pairs_per_step_keep_the_estimate_unbiased() -> None:
+    data = toy_data()
+    method = create_method("csada", cost_matrix=cost_matrix(), pairs_per_step=3, tau=1.0)
+    method.setup(train_dataset=data)
+    assert isinstance(method, CsadaMethod) and method.sampler is not None
+    (draw,) = list(method.epoch_stream(epoch=0, seed=1, steps=1, batch_size=9, loader=DataLoader(data)) or [])
+    assert len(draw.pairs) == 3 and draw.x.shape[0] == 9  # M = ceil(9 / 3) rows per pair
+    for p, (a, b) in enumerate(draw.pairs):
+        rows = slice(3 * p, 3 * p + 3)
+        assert bool((draw.y[rows] == a).all()) and bool((draw.target[rows] == b).all())
+        # Each pair's rows sum to w(a, b) / P: the mean over pairs of w * (row mean).
+        assert float(draw.weight[rows].sum()) == pytest.approx(method.sampler.weights[a, b] / 3)
 
 
 @pytest.mark.parametrize("stochastic", [True, False])
