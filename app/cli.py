@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 
 # Command groups that several areas add subcommands to (e.g. `data synth` from models/,
 # `data import-pmi` from app/).
-GROUPS = ("catalog", "apikey", "data", "bench", "models")
+GROUPS = ("catalog", "apikey", "data", "bench")
 
 Registrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]", dict[str, "argparse._SubParsersAction[argparse.ArgumentParser]"]], None]
 
