@@ -91,9 +91,8 @@ def comparison(*, candidate: dict[str, dict[str, Any]], parent: dict[str, dict[s
     tables: dict[str, Any] = {}
     for split, report in candidate.items():
         other = (parent or {}).get(split)
-        columns = {"candidate": rescore(report, cost_matrix)}
-        if other is not None:
-            columns["parent"] = rescore(other, cost_matrix)
+        columns = {"parent": rescore(other, cost_matrix)} if other is not None else {}
+        columns["candidate"] = rescore(report, cost_matrix)  # the paper's order: baseline, then the new method
         tables[split] = _tables(columns, cost_matrix)
     return tables
 

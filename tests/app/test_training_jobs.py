@@ -1,0 +1,160 @@
+"""Training-job API without a worker: validation, defaults, deduplication, listing, cancelling queued jobs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from sqlalchemy import update
+
+from app.config import Settings
+from app.db import Database
+from app.orm import Role, TrainingJob
+from app.services.training_jobs import LARGE_DATASET, default_hyperparameters
+from tests.worker.factories import Seeded, seed_training, tiny_assets
+
+URL = "/v1/admin/training-jobs"
+FAST = {"epochs": 2, "batch_size": 8, "steps": 3}
+
+
+@dataclass
+class JobEnv:
+    """A client on a database holding the tiny dataset and an active base model."""
+
+    settings: Settings
+    client: Any
+    seeded: Seeded
+
+    def headers(self, role: str = "pharmacist") -> dict[str, str]:
+        """Auth headers for a role."""
+        return {"X-API-Key": self.seeded.keys[Role(role)]}
+
+    def post(self, body: dict[str, Any], role: str = "pharmacist") -> Any:
+        """POST a job request."""
+        return self.client.post(URL, json=body, headers=self.headers(role))
+
+
+@pytest.fixture
+def jobs(db_settings: Settings, make_client: Callable[..., Any], tmp_path_factory: pytest.TempPathFactory) -> JobEnv:
+    """A JobEnv on SQLite and on PostgreSQL."""
+    seeded = seed_training(db_settings, tiny_assets(tmp_path_factory.getbasetemp() / "tiny-assets"))
+    return JobEnv(db_settings, make_client(db_settings), seeded)
+
+
+def _set_status(settings: Settings, job_id: int, status: str) -> None:
+    database = Database(settings)
+    try:
+        with database.session() as session:
+            session.execute(update(TrainingJob).where(TrainingJob.id == job_id).values(status=status))
+    finally:
+        database.dispose()
+
+
+def test_create_answers_202_with_location_defaults_and_a_dispatched_task(jobs: JobEnv) -> None:
+    response = jobs.post({"dataset": "tiny", "hyperparameters": FAST})
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert response.headers["Location"] == f"{URL}/{job['id']}"
+    assert job["status"] == "queued" and job["method"] == "csada" and not job["deduplicated"]
+    assert job["base_model"] == jobs.seeded.base_model and job["cost_matrix_version"] == jobs.seeded.cost_matrix_version
+    assert job["auto_promote"] is False  # the setting's default
+    expected = {**default_hyperparameters("csada", train_images=36), **FAST}
+    assert job["hyperparameters"] == expected and expected["lr"] == 1e-4 and expected["freeze_bn"] is True
+    assert job["progress"]["phase"] == "queued"
+    read = jobs.client.get(response.headers["Location"], headers=jobs.headers())
+    assert read.status_code == 200 and read.json()["id"] == job["id"]
+    # The task went to the broker after the commit (a background task), carrying the id only.
+    assert read.json()["progress"]["phase"] == "queued"
+    from tests.worker.factories import job_row
+
+    assert job_row(jobs.settings, job["id"])["celery_task_id"]
+
+
+def test_identical_requests_are_deduplicated_until_the_job_fails(jobs: JobEnv) -> None:
+    body = {"dataset": "tiny", "method": "baseline", "hyperparameters": {"epochs": 1}, "seed": 3}
+    first = jobs.post(body)
+    again = jobs.post({**body, "auto_promote": True})  # not part of the identity
+    assert first.status_code == 202 and again.status_code == 200
+    assert again.json()["id"] == first.json()["id"] and again.json()["deduplicated"] is True
+    assert again.headers["Location"] == f"{URL}/{first.json()['id']}"
+    explicit = jobs.post({**body, "base_model": jobs.seeded.base_model,
+                          "cost_matrix_version": jobs.seeded.cost_matrix_version,
+                          "hyperparameters": {"epochs": 1, "batch_size": 16}})  # the defaults, spelt out
+    assert explicit.status_code == 200 and explicit.json()["id"] == first.json()["id"]
+    other_seed = jobs.post({**body, "seed": 4})
+    assert other_seed.status_code == 202 and other_seed.json()["id"] != first.json()["id"]
+    _set_status(jobs.settings, first.json()["id"], "failed")
+    retry = jobs.post(body)
+    assert retry.status_code == 202 and retry.json()["id"] not in (first.json()["id"], other_seed.json()["id"])
+
+
+INVALID = [
+    ({"dataset": "nope"}, "dataset"),
+    ({"dataset": "tiny", "method": "baseline", "hyperparameters": {"lam": 1.0}}, "hyperparameters.lam"),
+    ({"dataset": "tiny", "method": "csada", "hyperparameters": {"alpha": 2.0}}, "hyperparameters.alpha"),
+    ({"dataset": "tiny", "hyperparameters": {"batch_size": 500}}, "hyperparameters.batch_size"),
+    ({"dataset": "tiny", "base_model": 999}, "base_model"),
+    ({"dataset": "tiny", "cost_matrix_version": 999}, "cost_matrix_version"),
+]
+SCHEMA_VIOLATIONS = [
+    {"dataset": "tiny", "hyperparameters": {"epochs": "5"}},
+    {"dataset": "tiny", "hyperparameters": {"learning_rate": 0.1}},
+    {"dataset": "tiny", "method": "magic"},
+    {"dataset": "tiny", "seed": -1},
+    {"dataset": "tiny", "hyperparameters": {"lr": 0}},
+    {"dataset": "tiny", "surprise": True},
+]
+
+
+def test_invalid_requests_get_422_naming_the_field(jobs: JobEnv) -> None:
+    for body, field in INVALID:
+        response = jobs.post(body)
+        assert response.status_code == 422, (body, response.text)
+        assert response.headers["content-type"].startswith("application/problem+json")
+        assert field in [error["field"] for error in response.json()["errors"]], body
+    for body in SCHEMA_VIOLATIONS:
+        assert jobs.post(body).status_code == 422, body
+    assert jobs.client.get(URL, headers=jobs.headers()).json() == []  # nothing was stored
+
+
+def test_roles_list_get_and_not_found(jobs: JobEnv) -> None:
+    assert jobs.post({"dataset": "tiny"}, role="client").status_code == 403
+    ids = [jobs.post({"dataset": "tiny", "seed": seed, "hyperparameters": FAST}).json()["id"] for seed in range(3)]
+    listed = jobs.client.get(URL, headers=jobs.headers()).json()
+    assert [job["id"] for job in listed] == sorted(ids, reverse=True)
+    page = jobs.client.get(URL, params={"limit": 1, "before_id": ids[-1]}, headers=jobs.headers()).json()
+    assert [job["id"] for job in page] == [ids[-2]]
+    assert jobs.client.get(URL, params={"status": "running"}, headers=jobs.headers()).json() == []
+    missing = jobs.client.get(f"{URL}/999", headers=jobs.headers())
+    assert missing.status_code == 404 and missing.json()["type"].endswith("/training-job-not-found")
+
+
+def test_cancel_a_queued_job_at_once_and_refuse_a_finished_one(jobs: JobEnv) -> None:
+    job = jobs.post({"dataset": "tiny", "hyperparameters": FAST}).json()
+    cancelled = jobs.client.post(f"{URL}/{job['id']}/cancel", headers=jobs.headers())
+    assert cancelled.status_code == 202
+    body = cancelled.json()
+    assert body["status"] == "cancelled" and body["cancel_requested"] and body["finished_at"]
+    again = jobs.client.post(f"{URL}/{job['id']}/cancel", headers=jobs.headers())
+    assert again.status_code == 409 and again.json()["type"].endswith("/training-job-finished")
+    # A cancelled job does not absorb a new identical request.
+    assert jobs.post({"dataset": "tiny", "hyperparameters": FAST}).status_code == 202
+
+
+def test_cancel_a_running_job_asks_it_to_stop(jobs: JobEnv) -> None:
+    job = jobs.post({"dataset": "tiny", "hyperparameters": FAST}).json()
+    _set_status(jobs.settings, job["id"], "running")
+    body = jobs.client.post(f"{URL}/{job['id']}/cancel", headers=jobs.headers()).json()
+    assert body["status"] == "running" and body["cancel_requested"] is True
+
+
+def test_defaults_endpoint_and_the_large_dataset_recipe(jobs: JobEnv) -> None:
+    small = jobs.client.get(f"{URL}/defaults", params={"dataset": "tiny", "method": "ap"}, headers=jobs.headers())
+    assert small.status_code == 200
+    assert small.json()["train_images"] == 36 and small.json()["hyperparameters"]["alpha"] == 5.0
+    pmi = default_hyperparameters("csada", train_images=LARGE_DATASET)
+    assert (pmi["epochs"], pmi["batch_size"], pmi["lr"], pmi["steps"], pmi["step_size"], pmi["lam"], pmi["tau"]) == \
+        (10, 32, 1e-7, 50, 1e-4, 2.0, 3.0)  # the paper's PMI run
+    assert default_hyperparameters("penalty", train_images=LARGE_DATASET)["scheduler"] == "step"
