@@ -213,6 +213,7 @@ def _write_json_atomic(path: Path, payload: Any) -> None:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
         with os.fdopen(fd, "w") as fh:
             json.dump(payload, fh)
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the API and worker may run as other users
         os.replace(tmp, path)
     except OSError as exc:
         logger.warning("could not write cache %s: %s", path, exc)

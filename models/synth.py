@@ -6,9 +6,11 @@ shape, colour, imprint and size. Photos get a lighting gradient, vignette, white
 Gaussian noise and JPEG compression.
 
 What makes it hard, on purpose: most products are white round tablets. Their only differences are the
-imprint (small, debossed at low contrast, often occluded by other pills or cut by the wall, illegible at
-64 px) and the size in mm, and the size is blurred by the per-image scale (vial diameter `bottle_mm`
-varies, so apparent size varies by about +/-9% at the defaults, about the 10 vs 11 mm gap).
+imprint (small, debossed at low contrast, often occluded by other pills or cut by the wall, a few
+pixels high at 64 px) and the size in mm, and the size is blurred by the per-image scale (vial diameter
+`bottle_mm` varies, so apparent size varies by about +/-9% at the defaults, about the 10 vs 11 mm gap).
+At the defaults a small 5-layer CNN trained 30 epochs at 64 px reached 71% test accuracy, its errors
+concentrated in the same-size white groups (127/128, 831/832, MP;71 vs ZC;80, amiodarone -> allopurinol).
 
 Determinism: every image has its own `numpy.random.Generator` seeded from (seed, NDC, index), so
 images can be rendered in any order, in parallel, or resumed, and a given seed gives byte-identical
