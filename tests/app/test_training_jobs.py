@@ -13,7 +13,7 @@ from app.config import Settings
 from app.db import Database
 from app.orm import Role, TrainingJob
 from app.services.training_jobs import LARGE_DATASET, default_hyperparameters
-from tests.worker.factories import Seeded, seed_training, tiny_assets
+from tests.worker.factories import Seeded, seed_training, seeded_sqlite_settings, tiny_assets
 
 URL = "/v1/admin/training-jobs"
 FAST = {"epochs": 2, "batch_size": 8, "steps": 3}
@@ -39,7 +39,11 @@ class JobEnv:
 @pytest.fixture
 def jobs(db_settings: Settings, make_client: Callable[..., Any], tmp_path_factory: pytest.TempPathFactory) -> JobEnv:
     """A JobEnv on SQLite and on PostgreSQL."""
-    seeded = seed_training(db_settings, tiny_assets(tmp_path_factory.getbasetemp() / "tiny-assets"))
+    assets = tiny_assets(tmp_path_factory.getbasetemp() / "tiny-assets")
+    if db_settings.is_sqlite:  # a copy of a database seeded once per session (faster)
+        settings, seeded = seeded_sqlite_settings(tmp_path_factory.getbasetemp(), assets, db_settings.data_dir / "s")
+        return JobEnv(settings, make_client(settings), seeded)
+    seeded = seed_training(db_settings, assets, other_model=True)
     return JobEnv(db_settings, make_client(db_settings), seeded)
 
 

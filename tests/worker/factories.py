@@ -101,6 +101,31 @@ def seed_training(settings: Settings, assets: TinyAssets, *, other_model: bool =
         database.dispose()
 
 
+@functools.cache
+def _seeded_sqlite(root: Path, assets: TinyAssets) -> tuple[Path, Seeded]:
+    from app import migrate
+
+    settings = Settings(data_dir=root / "seeded-sqlite")
+    migrate.upgrade(settings)
+    seeded = seed_training(settings, assets, other_model=True)
+    engine = create_engine(settings.database_url)
+    with engine.connect() as connection:  # fold the WAL into the file before it is copied
+        connection.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))
+    engine.dispose()
+    return settings.data_dir / "rxverify.db", seeded
+
+
+def seeded_sqlite_settings(root: Path, assets: TinyAssets, data_dir: Path, **overrides: Any) -> tuple[Settings, Seeded]:
+    """Embedded settings on a copy of a database seeded once per session (dataset and checkpoints are shared,
+    read-only, from the template's folder; model A active, model B registered as version 2)."""
+    import shutil
+
+    template, seeded = _seeded_sqlite(root, assets)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template, data_dir / "rxverify.db")
+    return Settings(data_dir=data_dir, **overrides), seeded
+
+
 def jpeg_of(path: Path) -> bytes:
     """The bytes of an image file re-encoded as JPEG (the synthetic images already are)."""
     from PIL import Image

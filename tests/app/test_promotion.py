@@ -1,0 +1,237 @@
+"""The promotion gate, forced overrides, rollback and the append-only history (no worker needed).
+
+Candidates are model versions with hand-made validation confusion matrices, so every number the gate
+reports is known in advance. Classes, sorted: 00591-0461, 50111-0434, 53489-0156, 68382-0227; the PMI
+expert costs make 50111-0434 -> 00591-0461 (10), 53489-0156 -> 68382-0227 (10) and back (8) critical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+from sqlalchemy import select
+
+from app.config import Settings
+from app.db import Database
+from app.orm import AdminAuditEntry, Dataset, ModelPromotion, ModelVersion, Role
+from app.services import evaluation
+from app.services.promotion import gate_checks
+from models.costs import CostMatrix
+from tests.worker.factories import CLASSES, Seeded, seed_training, seeded_sqlite_settings, tiny_assets
+
+MODELS = "/v1/admin/models"
+K = sorted(CLASSES)
+COSTS = CostMatrix.from_pairs(K, {("50111-0434", "00591-0461"): 10.0, ("53489-0156", "68382-0227"): 10.0,
+                                  ("68382-0227", "53489-0156"): 8.0})
+
+
+def report(errors: dict[tuple[str, str], int], *, per_class: int = 10) -> dict[str, Any]:
+    """A validation report whose confusion has `per_class` images per class and the given errors."""
+    confusion = np.diag([per_class] * len(K))
+    for (true, predicted), count in errors.items():
+        confusion[K.index(true), K.index(true)] -= count
+        confusion[K.index(true), K.index(predicted)] += count
+    return evaluation.rescore({"classes": K, "confusion": confusion.tolist()}, COSTS)
+
+
+ACTIVE = report({("50111-0434", "00591-0461"): 1, ("00591-0461", "50111-0434"): 1})  # cost 11, acc 38/40
+WORSE = report({("50111-0434", "00591-0461"): 2, ("00591-0461", "50111-0434"): 1})  # cost 21, acc 37/40
+BETTER = report({("00591-0461", "50111-0434"): 2})  # cost 2, acc 38/40
+
+
+def test_gate_reports_each_failed_check_with_its_numbers() -> None:
+    gate = gate_checks(candidate=WORSE, active=ACTIVE, cost_matrix=COSTS, critical_cost=5.0,
+                       max_accuracy_drop_points=0.5)
+    assert not gate.passed
+    checks = {c["name"]: c for c in gate.checks}
+    assert checks["total_cost"] == {**checks["total_cost"], "passed": False, "candidate": 21.0, "active": 11.0}
+    assert checks["accuracy_drop"]["passed"] is False and checks["accuracy_drop"]["drop_points"] == pytest.approx(2.5)
+    risen = [p for p in checks["critical_pair_errors"]["pairs"] if not p["passed"]]
+    assert risen == [{"true": "50111-0434", "predicted": "00591-0461", "cost": 10.0, "candidate": 2, "active": 1,
+                      "passed": False}]
+    assert "total cost 21 vs active 11" in gate.describe() and "50111-0434 -> 00591-0461 1 -> 2" in gate.describe()
+    assert gate_checks(candidate=BETTER, active=ACTIVE, cost_matrix=COSTS, critical_cost=5.0,
+                       max_accuracy_drop_points=0.5).passed
+    assert gate_checks(candidate=ACTIVE, active=ACTIVE, cost_matrix=COSTS, critical_cost=5.0,
+                       max_accuracy_drop_points=0.0).passed  # equal is not worse
+
+
+def test_accuracy_limit_is_in_points() -> None:
+    cheap_errors = report({("00591-0461", "50111-0434"): 3})  # cost 3 < 11, but accuracy 37/40: -2.5 points
+    assert not gate_checks(candidate=cheap_errors, active=ACTIVE, cost_matrix=COSTS, critical_cost=5.0,
+                           max_accuracy_drop_points=0.5).passed
+    assert gate_checks(candidate=cheap_errors, active=ACTIVE, cost_matrix=COSTS, critical_cost=5.0,
+                       max_accuracy_drop_points=2.5).passed
+
+
+class Registry:
+    """A client on a database with the tiny dataset and model A active, plus hand-made candidates."""
+
+    def __init__(self, settings: Settings, client: Any, seeded: Seeded) -> None:
+        self.settings, self.client, self.seeded = settings, client, seeded
+
+    def headers(self, role: str = "admin") -> dict[str, str]:
+        """Auth headers for a role."""
+        return {"X-API-Key": self.seeded.keys[Role(role)]}
+
+    def candidate(self, valid: dict[str, Any], *, parent_report: dict[str, Any] | None = ACTIVE,
+                  parent: int | None = -1, tag: str = "") -> int:
+        """A version sharing model A's checkpoint, with `valid` as its validation report (and its parent's)."""
+        database = Database(self.settings)
+        try:
+            with database.session() as session:
+                base = session.get(ModelVersion, self.seeded.base_model)
+                dataset = session.scalars(select(Dataset)).one()
+                assert base is not None
+                metrics: dict[str, Any] = {
+                    "valid": valid, "test": valid,
+                    "evaluation": {"dataset_id": dataset.id, "dataset_fingerprint": dataset.fingerprint},
+                    "comparison": evaluation.comparison(candidate={"valid": valid}, parent={"valid": ACTIVE},
+                                                        cost_matrix=COSTS)}
+                if parent_report is not None:
+                    metrics["parent"] = {"valid": parent_report}
+                version = ModelVersion(
+                    sha256=hashlib.sha256(f"{tag}{valid}".encode()).hexdigest(), path=base.path, arch=base.arch,
+                    method="csada", classes=list(base.classes), image_size=base.image_size,
+                    temperature=base.temperature, status="candidate",
+                    parent_id=base.id if parent == -1 else parent, dataset_id=dataset.id, metrics=metrics,
+                    decision=base.decision, checkpoint_metadata=base.checkpoint_metadata, created_by="tests")
+                session.add(version)
+                session.flush()
+                return version.id
+        finally:
+            database.dispose()
+
+    def promote(self, model_id: int, body: dict[str, Any] | None = None, role: str = "admin") -> Any:
+        """POST promote."""
+        return self.client.post(f"{MODELS}/{model_id}/promote", json=body or {}, headers=self.headers(role))
+
+    def rollback(self, reason: str = "test") -> Any:
+        """POST rollback."""
+        return self.client.post(f"{MODELS}/rollback", json={"reason": reason}, headers=self.headers())
+
+    def active(self) -> int | None:
+        """The active model version id, per the API."""
+        return next((m["id"] for m in self.client.get(MODELS, headers=self.headers()).json() if m["active"]), None)
+
+
+@pytest.fixture
+def registry(db_settings: Settings, make_client: Callable[..., Any],
+             tmp_path_factory: pytest.TempPathFactory) -> Registry:
+    """A Registry on SQLite and on PostgreSQL."""
+    assets = tiny_assets(tmp_path_factory.getbasetemp() / "tiny-assets")
+    if db_settings.is_sqlite:  # a copy of a database seeded once per session (faster)
+        settings, seeded = seeded_sqlite_settings(tmp_path_factory.getbasetemp(), assets, db_settings.data_dir / "s")
+        return Registry(settings, make_client(settings), seeded)
+    seeded = seed_training(db_settings, assets, other_model=True)
+    return Registry(db_settings, make_client(db_settings), seeded)
+
+
+def test_gate_refuses_a_worse_model_with_409_and_accepts_a_better_one(registry: Registry) -> None:
+    worse, better = registry.candidate(WORSE), registry.candidate(BETTER)
+    refused = registry.promote(worse, {"reason": "try"})
+    assert refused.status_code == 409, refused.text
+    problem = refused.json()
+    assert problem["type"].endswith("/promotion-gate-failed")
+    assert problem["failed_checks"] == ["total_cost", "accuracy_drop", "critical_pair_errors"]
+    assert "total cost 21 vs active 11" in problem["detail"]
+    assert problem["gate"]["cost_matrix_version"] == registry.seeded.cost_matrix_version
+    assert registry.active() == registry.seeded.base_model
+
+    accepted = registry.promote(better, {"reason": "cheaper"})
+    assert accepted.status_code == 200, accepted.text
+    entry = accepted.json()["promotion"]
+    assert accepted.json()["active_model_version"] == better
+    assert (entry["action"], entry["from_model_version"], entry["forced"], entry["gate"]["passed"]) == \
+        ("promote", registry.seeded.base_model, False, True)
+    assert registry.active() == better
+    again = registry.promote(better)
+    assert again.status_code == 409 and again.json()["type"].endswith("/model-already-active")
+
+
+def test_force_needs_a_reason_and_is_audited(registry: Registry) -> None:
+    worse = registry.candidate(WORSE)
+    assert registry.promote(worse, {"force": True}).status_code == 422
+    forced = registry.promote(worse, {"force": True, "reason": "pharmacist override"})
+    assert forced.status_code == 200
+    entry = forced.json()["promotion"]
+    assert entry["forced"] is True and entry["reason"] == "pharmacist override" and entry["gate"]["passed"] is False
+    database = Database(registry.settings)
+    try:
+        with database.session() as session:
+            audit = session.scalars(select(AdminAuditEntry).where(AdminAuditEntry.action == "model.promote")).one()
+            assert audit.details["forced"] is True and audit.reason == "pharmacist override"
+    finally:
+        database.dispose()
+
+
+def test_roles_and_missing_versions(registry: Registry) -> None:
+    better = registry.candidate(BETTER)
+    assert registry.promote(better, role="pharmacist").status_code == 403
+    assert registry.client.post(f"{MODELS}/rollback", json={}, headers=registry.headers("pharmacist")).status_code == 403
+    assert registry.promote(999).status_code == 404
+    assert registry.client.get(MODELS, headers=registry.headers("client")).status_code == 403
+    assert registry.client.get(f"{MODELS}/{better}", headers=registry.headers("pharmacist")).status_code == 200
+
+
+def test_rollback_undoes_promotions_like_a_stack_and_history_is_append_only(registry: Registry) -> None:
+    base = registry.seeded.base_model
+    assert registry.rollback().status_code == 409  # only the first activation so far
+    first, second = registry.candidate(BETTER, tag="1"), registry.candidate(BETTER, tag="2")
+    assert registry.promote(first).status_code == 200
+    assert registry.promote(second, {"force": True, "reason": "same numbers"}).status_code in (200,)
+    back = registry.rollback("second was bad")
+    assert back.status_code == 200 and back.json()["active_model_version"] == first
+    assert back.json()["promotion"]["action"] == "rollback" and back.json()["promotion"]["reason"] == "second was bad"
+    assert registry.rollback().json()["active_model_version"] == base
+    assert registry.rollback().status_code == 409
+    history = registry.client.get(f"{MODELS}/promotions", headers=registry.headers()).json()
+    assert [(h["action"], h["from_model_version"], h["to_model_version"]) for h in history] == [
+        ("rollback", first, base), ("rollback", second, first), ("promote", first, second),
+        ("promote", base, first), ("activate", None, base)]
+    detail = registry.client.get(f"{MODELS}/{second}", headers=registry.headers()).json()
+    assert detail["status"] == "retired" and len(detail["promotions"]) == 2
+    database = Database(registry.settings)
+    try:
+        with database.session() as session:
+            entry = session.scalars(select(ModelPromotion)).first()
+            assert entry is not None
+            entry.reason = "rewritten"
+            with pytest.raises(Exception, match="immutable"):
+                session.flush()
+            session.rollback()
+    finally:
+        database.dispose()
+
+
+def test_models_list_and_detail_show_the_comparison_with_the_parent(registry: Registry) -> None:
+    better = registry.candidate(BETTER)
+    listed = registry.client.get(MODELS, headers=registry.headers("pharmacist")).json()
+    assert [m["id"] for m in listed] == [better, 2, registry.seeded.base_model]  # 2: model B
+    summary = listed[0]
+    assert summary["lineage"]["parent"] == registry.seeded.base_model and summary["valid"]["total_cost"] == 2.0
+    table5 = {row["metric"]: row for row in summary["comparison"]["valid"]["table5"]}
+    assert table5["Total cost"]["parent"] == 11.0 and table5["Total cost"]["candidate"] == 2.0
+    assert table5["50111-0434 to 00591-0461 error rate (%)"] == {
+        "metric": "50111-0434 to 00591-0461 error rate (%)", "parent": 10.0, "candidate": 0.0}
+    table6 = {row["error_type"]: row for row in summary["comparison"]["valid"]["table6"]}
+    assert table6["50111-0434 to 00591-0461"]["expert_cost"] == 10.0
+    assert (table6["Other pairs"]["parent"], table6["Other pairs"]["candidate"]) == (1, 2)
+    detail = registry.client.get(f"{MODELS}/{better}", headers=registry.headers("pharmacist")).json()
+    assert detail["metrics"]["valid"]["confusion"][0] == [8, 2, 0, 0]
+    assert detail["checkpoint_path"] and detail["lineage"]["parent_sha256"]
+
+
+def test_gate_evaluates_the_active_model_when_no_stored_evaluation_fits(registry: Registry) -> None:
+    """The candidate's parent is not the active model: the active one is scored on the candidate's valid split."""
+    orphan = registry.candidate(report({}, per_class=3), parent_report=None, parent=None)
+    response = registry.promote(orphan)
+    # A perfect 12-image validation run cannot be worse than the real model A on the same 12 images.
+    assert response.status_code == 200, response.text
+    gate = response.json()["promotion"]["gate"]
+    cost = next(c for c in gate["checks"] if c["name"] == "total_cost")
+    assert cost["candidate"] == 0.0 and gate["n"] == 12 and gate["dataset"] == "tiny"
