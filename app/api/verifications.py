@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import time
+from collections.abc import Awaitable
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Header, Query, Request
@@ -16,6 +20,8 @@ from starlette.concurrency import run_in_threadpool
 from app.api.deps import ClientActor, PharmacistActor, SessionDep, SettingsDep
 from app.api.verification_form import read_verification_form
 from app.errors import DomainError
+from app.inference.engine import ModelUnavailable
+from app.inference.served import ServedModel
 from app.orm import Resolution, Verification
 from app.schemas.common import problem_responses
 from app.schemas.verifications import (
@@ -32,6 +38,7 @@ from app.services import verifications as service
 from models.decision import CONFORMAL_GUARANTEE
 
 router = APIRouter(prefix="/v1/verifications", tags=["verifications"])
+T = TypeVar("T")
 
 VERIFICATION_SECONDS = Histogram(
     "rxverify_verification_duration_seconds", "POST /v1/verifications wall time, by outcome (verdict, replay, "
@@ -76,7 +83,7 @@ Problem types (`application/problem+json`, `type` = `https://rxverify.dev/proble
 | 422 | `ambiguous-ndc` | a bare 10-digit NDC that matches several catalog products |
 | 422 | `unknown-ndc` | a well-formed NDC whose product is not in the catalog |
 | 422 | `product-inactive` | the prescribed product is inactive in the catalog |
-| 422 | `product-not-served` | the product is in the catalog but the served model was not trained on it |
+| 422 | `product-not-in-model` | the product is in the catalog but the served model was not trained on it |
 | 422 | `idempotency-key-reused` | the key was used for a different request |
 | 503 | `model-unavailable` | no model is loaded (see `/readyz`) |
 | 503 | `inference-queue-full` | too many requests in flight; retry after `Retry-After` seconds |
@@ -117,29 +124,46 @@ async def _verify(request: Request, *, actor_key_id: int | None, session: Sessio
                   started: float, settings: Any) -> tuple[JSONResponse, str]:
     limits = serving.limits_of(request.app)
     form = await read_verification_form(request, max_image_bytes=limits.max_bytes)
-    prepared = await run_in_threadpool(
-        service.prepare, session, image=form.image, prescribed_ndc_input=form.prescribed_ndc,
-        client_reference=form.client_reference, api_key_id=actor_key_id, idempotency_key=idempotency_key)
-    if prepared.replay is not None:
-        return JSONResponse(prepared.replay, headers={"Idempotent-Replayed": "true"}), "replay"
     engine = serving.engine_of(request.app)
-    with engine.using_current() as served:
-        index = service.check_served(served.classes, prescribed_ndc=prepared.prescribed_ndc,
-                                     model_version=served.version)
-        tensor, image_info = await run_in_threadpool(service.preprocess_upload, served, form.image, limits=limits)
+    prepare = functools.partial(service.prepare, session, image=form.image, prescribed_ndc_input=form.prescribed_ndc,
+                                client_reference=form.client_reference, api_key_id=actor_key_id,
+                                idempotency_key=idempotency_key)
+    with contextlib.ExitStack() as lease:
+        try:
+            served: ServedModel | None = lease.enter_context(engine.using_current())
+        except ModelUnavailable:
+            served = None  # an idempotent retry still gets its first answer
+        # The database checks and the decode run side by side (two cores); their errors are reported in
+        # that order: request problems (NDC, Idempotency-Key), the model, then the image.
+        jobs: list[Awaitable[Any]] = [run_in_threadpool(prepare)]
+        if served is not None:
+            jobs.append(run_in_threadpool(service.preprocess_upload, served, form.image, limits=limits))
+        results = await asyncio.gather(*jobs, return_exceptions=True)
+        prepared = _result(results[0], service.Prepared)
+        if prepared.replay is not None:
+            return JSONResponse(prepared.replay, headers={"Idempotent-Replayed": "true"}), "replay"
+        if served is None:
+            raise ModelUnavailable("no model is loaded yet; a pharmacist must check this bottle")
+        service.check_served(served.classes, prescribed_ndc=prepared.prescribed_ndc, model_version=served.version)
+        tensor, image_info = _result(results[1], tuple)
         prediction = await engine.submit(tensor, served=served)
     outcome = await run_in_threadpool(
-        service.finish, session, settings=settings, prepared=prepared, probs=prediction.probs,
-        classes=prediction.classes, prescribed_index=index, policy=prediction.served.policy,
-        model_label=prediction.model_version, model_sha256=prediction.served.weights_sha256, image=form.image,
+        service.finish, session, settings=settings, prepared=prepared, prediction=prediction, image=form.image,
         image_info=image_info, prescribed_ndc_input=form.prescribed_ndc, client_reference=form.client_reference,
-        api_key_id=actor_key_id, idempotency_key=idempotency_key,
-        latency_ms=(time.perf_counter() - started) * 1000)
+        api_key_id=actor_key_id, idempotency_key=idempotency_key, latency_ms=(time.perf_counter() - started) * 1000)
     if outcome.replayed:
         return JSONResponse(outcome.body, headers={"Idempotent-Replayed": "true"}), "replay"
     assert outcome.decision is not None
     VERDICTS.labels(verdict=outcome.decision.verdict, model_version=prediction.model_version).inc()
     return JSONResponse(outcome.body), "verdict"
+
+
+def _result(value: object, kind: type[T]) -> T:
+    """A gathered result, or its exception re-raised."""
+    if isinstance(value, BaseException):
+        raise value
+    assert isinstance(value, kind)
+    return value
 
 
 def _utc(value: datetime | None) -> datetime | None:

@@ -4,9 +4,10 @@ The route drives three steps around the inference engine:
 1. `prepare`: the image's SHA-256, the idempotency check (replay or 422), the prescribed NDC against
    the catalog (unknown / ambiguous / malformed / inactive each get their own problem type), and the
    active cost-matrix version.
-2. `check_served`: the served model must know the prescribed product (422 `product-not-served`).
-3. `finish`: the verdict from `models.decision.decide` with the model's stored policy and the active
-   cost matrix reindexed to the model's classes, the retained image (if configured) and the audit row.
+2. `check_served`: the served model must know the prescribed product (422 `product-not-in-model`).
+3. `finish`: the verdict (`Prediction.decide`: `models.decision.decide` with the serving version's stored
+   policy) under the active cost matrix reindexed to the model's classes, the retained image (if
+   configured) and the audit row.
 """
 
 from __future__ import annotations
@@ -32,14 +33,14 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.errors import FieldError, InvalidInput, ServiceUnavailable
 from app.inference.images import ImageLimits, sniff_format
-from app.inference.served import ServedModel
+from app.inference.served import Prediction, ProductNotServed, ServedModel
 from app.ndc import NdcError, resolve_ndc
 from app.orm import Product, Verification, utcnow
 from app.services.cost_matrices import active_version_id, cost_matrix_of
 from app.services.model_registry import model_version_id_of_label
 from app.services.products import ndc_field_error
 from models.costs import CostMatrix
-from models.decision import Decision, VerdictPolicy, decide
+from models.decision import Decision
 
 TOP_K = 5
 _EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
@@ -134,12 +135,11 @@ def check_served(classes: tuple[str, ...], *, prescribed_ndc: str, model_version
     try:
         return classes.index(prescribed_ndc)
     except ValueError:
-        raise InvalidInput(f"product {prescribed_ndc} is in the catalog, but the served model (version "
-                           f"{model_version}) was not trained on it, so it cannot verify this bottle",
-                           slug="product-not-served", title="The served model does not know this product",
-                           errors=[FieldError("prescribed_ndc", f"{prescribed_ndc} is not one of the model's "
-                                              "classes", "product-not-served")],
-                           extra={"ndc": prescribed_ndc, "model_version": model_version}) from None
+        raise ProductNotServed(f"product {prescribed_ndc} is in the catalog, but the served model (version "
+                               f"{model_version}) was not trained on it, so it cannot verify this bottle",
+                               errors=[FieldError("prescribed_ndc", f"{prescribed_ndc} is not one of the model's "
+                                                  "classes", "product-not-in-model")],
+                               extra={"ndc": prescribed_ndc, "model_version": model_version}) from None
 
 
 def preprocess_upload(served: ServedModel, data: bytes, *, limits: ImageLimits) -> tuple[torch.Tensor, ImageInfo]:
@@ -211,16 +211,14 @@ class Outcome:
     replayed: bool = False
 
 
-def finish(session: Session, *, settings: Settings, prepared: Prepared, probs: Any, classes: tuple[str, ...],
-           prescribed_index: int, policy: VerdictPolicy | None, model_label: str, model_sha256: str, image: bytes,
+def finish(session: Session, *, settings: Settings, prepared: Prepared, prediction: Prediction, image: bytes,
            image_info: ImageInfo, prescribed_ndc_input: str, client_reference: str | None, api_key_id: int | None,
            idempotency_key: str | None, latency_ms: float) -> Outcome:
     """Step 3 (blocking; run it in a thread): decide, retain the image if configured, flush the audit row."""
-    matrix = cost_matrix_for(session, version_id=prepared.cost_matrix_version_id, classes=classes)
-    # A model without a fitted policy never auto-accepts: everything goes to a pharmacist.
-    active_policy = policy or VerdictPolicy.review_only(classes, critical_cost=settings.critical_cost_threshold)
-    decision = decide(probs, prescribed_index=prescribed_index, cost_matrix=matrix, policy=active_policy,
-                      classes=classes, top_k=TOP_K)
+    matrix = cost_matrix_for(session, version_id=prepared.cost_matrix_version_id, classes=prediction.classes)
+    # The serving version's own fitted policy; a model without one never auto-accepts (review_only).
+    decision = prediction.decide(prescribed=prepared.prescribed_ndc, cost_matrix=matrix,
+                                 critical_cost=settings.critical_cost_threshold, top_k=TOP_K)
     image_path = (retain_image(settings, data=image, sha256=prepared.image_sha256, image_format=image_info.format)
                   if settings.retain_images else None)
     row = Verification(
@@ -230,11 +228,11 @@ def finish(session: Session, *, settings: Settings, prepared: Prepared, probs: A
         reason=decision.reason, predicted_ndc=decision.predicted,
         probability_prescribed=decision.probability_prescribed,
         expected_accept_cost=decision.expected_accept_cost, top=[], conformal_set=list(decision.conformal_set),
-        model_version_id=model_version_id_of_label(model_label),
+        model_version_id=model_version_id_of_label(prediction.model_version),
         cost_matrix_version_id=prepared.cost_matrix_version_id, image_sha256=prepared.image_sha256,
         image_path=str(image_path) if image_path else None, image_format=image_info.format,
         image_width=image_info.width, image_height=image_info.height, latency_ms=round(latency_ms, 3))
-    body = response_body(row, decision=decision, model_sha256=model_sha256)
+    body = response_body(row, decision=decision, model_sha256=prediction.served.weights_sha256)
     row.top, row.response = body["top"], body
     try:
         with session.begin_nested():  # a savepoint: losing an idempotency race must not undo the request

@@ -79,7 +79,7 @@ UPLOAD_CASES: dict[str, tuple[dict[str, Any], int, str]] = {
     "oversized": (dict(image=b"\xff\xd8\xff" + b"\0" * (UPLOAD_LIMIT + 10)), 413, "image-too-large"),
     "unknown NDC": (dict(image=JPEG, ndc="12345-6789-01"), 422, "unknown-ndc"),
     "malformed NDC": (dict(image=JPEG, ndc="not-an-ndc"), 422, "malformed-ndc"),
-    "NDC the model does not know": (dict(image=JPEG, ndc=NOT_SERVED), 422, "product-not-served"),
+    "NDC the model does not know": (dict(image=JPEG, ndc=NOT_SERVED), 422, "product-not-in-model"),
     "blank NDC": (dict(image=JPEG, ndc="   "), 422, "validation-error"),
     "NDC too long": (dict(image=JPEG, ndc="1" * 65), 422, "validation-error"),
     "unexpected part": (dict(image=JPEG, patient_name="Jane"), 422, "validation-error"),
@@ -92,7 +92,7 @@ def test_bad_upload(bad_env: ApiEnv, case: str) -> None:
     before = count_rows(bad_env.settings, Verification)
     response = post_verification(bad_env.client, bad_env.keys[Role.CLIENT], **fields)
     body = assert_problem(response, status, slug)
-    if slug in ("unknown-ndc", "malformed-ndc", "product-not-served"):
+    if slug in ("unknown-ndc", "malformed-ndc", "product-not-in-model"):
         assert body["errors"][0]["field"] == "prescribed_ndc"
     assert count_rows(bad_env.settings, Verification) == before  # only verdicts are audit records
     assert_still_ready(bad_env)

@@ -123,8 +123,9 @@ def test_serve_with_model_registers_activates_then_runs_uvicorn(
     calls: list[dict[str, Any]] = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append({"app": app, **kwargs}))
     source = cached_checkpoint(checkpoint_root)
-    assert cli_main(["serve", "--port", "8123", "--model", str(source)]) == 0
-    assert cli_main(["serve", "--port", "8123", "--model", str(source)]) == 0  # the second run changes nothing
+    serve = ["serve", "--no-worker", "--port", "8123", "--model", str(source)]
+    assert cli_main(serve) == 0
+    assert cli_main(serve) == 0  # the second run changes nothing
     assert [c["port"] for c in calls] == [8123, 8123] and "model version 1" in capsys.readouterr().out
     database = Database(settings)
     try:
@@ -138,7 +139,7 @@ def test_serve_with_model_registers_activates_then_runs_uvicorn(
         database.dispose()
     foreign = make_checkpoint(tmp_path / "foreign", classes=("00378-0208", "99999-0001"), favourite="00378-0208",
                               fitted=False)
-    assert cli_main(["serve", "--model", str(foreign)]) == 2 and "99999-0001" in capsys.readouterr().out
+    assert cli_main(["serve", "--no-worker", "--model", str(foreign)]) == 2 and "99999-0001" in capsys.readouterr().out
     assert len(calls) == 2
 
 
@@ -162,3 +163,18 @@ def test_a_checkpoint_that_fails_to_load_leaves_the_service_up_but_not_ready(
     assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 503
     response = post_verification(client, keys[Role.CLIENT], image=jpeg_photo())
     assert response.status_code == 503 and response.json()["type"].endswith("/model-unavailable")
+
+
+def test_an_idempotent_retry_is_replayed_even_without_a_model(seeded_sqlite_template: Any, tmp_path: Path,
+                                                              make_client: Any, checkpoint_root: Path) -> None:
+    template, keys = seeded_sqlite_template
+    settings = served_settings(template, tmp_path / "data", checkpoint=cached_checkpoint(checkpoint_root))
+    first = post_verification(make_client(settings), keys[Role.CLIENT], image=jpeg_photo(),
+                              headers={"Idempotency-Key": "retry-1"})
+    for path in settings.checkpoints_dir.glob("*/model.safetensors"):
+        path.write_bytes(b"gone")  # the next process cannot load a model
+    client = make_client(settings)
+    retry = post_verification(client, keys[Role.CLIENT], image=jpeg_photo(), headers={"Idempotency-Key": "retry-1"})
+    assert retry.status_code == 200 and retry.json() == first.json()
+    fresh = post_verification(client, keys[Role.CLIENT], image=jpeg_photo(), headers={"Idempotency-Key": "retry-2"})
+    assert fresh.status_code == 503 and fresh.json()["type"].endswith("/model-unavailable")
