@@ -28,7 +28,11 @@ METHODS = ("baseline", "csada", "penalty", "ap", "sosr", "reweight")
 DEFAULT_ARCH = "resnet18"
 DEFAULT_IMAGE_SIZE = 224
 # Method hyperparameters the command exposes, by method (None means "the method's default").
-_METHOD_OPTIONS = {"csada": ("lam", "eps", "steps", "step_size", "tau", "norm", "sign"), "ap": ("alpha",)}
+_METHOD_OPTIONS = {
+    "csada": ("lam", "eps", "steps", "step_size", "tau", "norm", "sign", "stochastic", "pairs_per_step",
+              "attack_batch_size"),
+    "ap": ("alpha",),
+}
 
 
 class TrainError(ValueError):
@@ -250,6 +254,10 @@ def register(parser_group: Any) -> None:
     group.add_argument("--tau", type=float, help="temperature of the pair weights c^tau / sum c^tau")
     group.add_argument("--norm", choices=("linf", "l2"), help="perturbation ball")
     group.add_argument("--sign", action="store_true", default=None, help="sign-gradient ascent")
+    group.add_argument("--full", dest="stochastic", action="store_false", default=None,
+                       help="Algorithm 2 (every pair each step) instead of the stochastic Algorithm 3")
+    group.add_argument("--pairs-per-step", type=int, help="Algorithm 3: independent pairs averaged per step")
+    group.add_argument("--attack-batch-size", type=int, help="Algorithm 3: source-class samples attacked per pair")
     parser.add_argument_group("AP (--method ap)").add_argument("--alpha", type=float, help="penalty weight (default 5)")
     parser.set_defaults(func=handle)
 
