@@ -217,6 +217,23 @@ class EpochValidator:
 
     def __call__(self, state: TrainingState) -> dict[str, Any] | None:
         """accuracy / wer / total_cost of the state's weights on valid (None when valid is empty)."""
+        import random
+
+        import numpy as np
+        import torch
+
+        # Building the model draws from torch's RNG: fork it, or training would no longer match
+        # `rxverify train` (nor its own resumed run) bit for bit.
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        try:
+            with torch.random.fork_rng(devices=devices):
+                return self._score(state)
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+    def _score(self, state: TrainingState) -> dict[str, Any] | None:
         from models.evaluate import evaluate
 
         if self._ready is None:
@@ -308,7 +325,10 @@ def run(*, database: Database, settings: Settings, spec: JobSpec, lease: Lease, 
     from models.commands.train import run_training
 
     workdir = Workdir.of(settings, spec.job_id)
-    resume = load_state(spec.resume_path or workdir.state)
+    # The database says whether an epoch checkpoint exists; a stray file from elsewhere is never resumed.
+    resume = load_state(spec.resume_path)
+    if resume is None and workdir.state.exists():
+        workdir.state.unlink()
     data_root = prepare_data(spec, workdir)
     request = train_request(spec, data_root=data_root, workdir=workdir, settings=settings)
     start_epoch = int(resume["epoch"]) if resume is not None else 0

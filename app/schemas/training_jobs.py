@@ -82,6 +82,7 @@ class TrainingProgress(BaseModel):
     eta_s: float | None = None
     phase: str | None = Field(default=None, description="preparing | training | evaluating | registering | done")
     resumed_from_epoch: int | None = Field(default=None, description="Epochs restored from a checkpoint.")
+    checkpoint_epoch: int | None = Field(default=None, description="Epochs held by the latest epoch checkpoint.")
     validation: dict[str, Any] | None = Field(default=None, description="Latest per-epoch validation metrics.")
     updated_at: str | None = None
 

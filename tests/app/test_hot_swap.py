@@ -139,7 +139,7 @@ def test_a_second_process_follows_through_redis_pubsub(
 def test_embedded_mode_polls_the_database(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory,
                                           make_client: Callable[..., Any]) -> None:
     root = tmp_path_factory.getbasetemp()
-    settings, seeded = seeded_sqlite_settings(root, tiny_assets(root / "tiny-assets"), tmp_path / "data",
+    settings, _seeded = seeded_sqlite_settings(root, tiny_assets(root / "tiny-assets"), tmp_path / "data",
                                               model_poll_seconds=0.3)
     client = make_client(settings)
     engine = client.app.state.engine

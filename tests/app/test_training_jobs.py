@@ -94,7 +94,7 @@ def test_identical_requests_are_deduplicated_until_the_job_fails(jobs: JobEnv) -
     assert retry.status_code == 202 and retry.json()["id"] not in (first.json()["id"], other_seed.json()["id"])
 
 
-INVALID = [
+INVALID: list[tuple[dict[str, Any], str]] = [
     ({"dataset": "nope"}, "dataset"),
     ({"dataset": "tiny", "method": "baseline", "hyperparameters": {"lam": 1.0}}, "hyperparameters.lam"),
     ({"dataset": "tiny", "method": "csada", "hyperparameters": {"alpha": 2.0}}, "hyperparameters.alpha"),
@@ -102,7 +102,7 @@ INVALID = [
     ({"dataset": "tiny", "base_model": 999}, "base_model"),
     ({"dataset": "tiny", "cost_matrix_version": 999}, "cost_matrix_version"),
 ]
-SCHEMA_VIOLATIONS = [
+SCHEMA_VIOLATIONS: list[dict[str, Any]] = [
     {"dataset": "tiny", "hyperparameters": {"epochs": "5"}},
     {"dataset": "tiny", "hyperparameters": {"learning_rate": 0.1}},
     {"dataset": "tiny", "method": "magic"},

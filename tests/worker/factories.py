@@ -136,7 +136,7 @@ def jpeg_of(path: Path) -> bytes:
         return out.getvalue()
 
 
-def wait_for(predicate: Callable[[], T], *, timeout: float, interval: float = 0.1, what: str = "condition") -> T:
+def wait_for(predicate: Callable[[], T | None], *, timeout: float, interval: float = 0.1, what: str = "condition") -> T:
     """Poll until `predicate()` is truthy; its value, or AssertionError after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:

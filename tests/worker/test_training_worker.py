@@ -1,0 +1,95 @@
+"""A real Celery worker process (`celery -A worker.celery_app worker`, two threads) on Redis and PostgreSQL:
+a CSADA job end to end, cooperative cancel, and duplicate deliveries that never run a job twice."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from app.config import Settings
+from tests.worker.conftest import FAST, Fleet, wait_ready
+from tests.worker.factories import Workers, worker_env
+from worker.celery_app import create_celery_app
+from worker.tasks import RUN_JOB
+
+pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
+MODELS = "/v1/admin/models"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shared_worker(fleet_settings: Settings, workers: Workers,
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """One worker for the module; two threads, so two deliveries of one job can really run at once."""
+    log = tmp_path_factory.mktemp("logs") / "worker.log"
+    workers.start(worker_env(fleet_settings), log, pool="threads", concurrency=2, celery_cli=True)
+    wait_ready(log)
+    yield
+
+
+def test_a_csada_job_succeeds_and_registers_a_model_with_metrics(fleet: Fleet) -> None:
+    job_id = fleet.start_job(method="csada", hyperparameters=FAST, auto_promote=True)
+    job = fleet.wait_status(job_id, "succeeded")
+    assert job["attempts"] == 1 and job["error"] is None
+    progress = job["progress"]
+    assert progress["phase"] == "done" and progress["fraction"] == 1.0 and progress["epoch"] == 2
+    assert progress["epochs"] == 2 and progress["steps_per_epoch"] == 5 and progress["loss"] is not None
+    assert progress["attack_success_rate"] is not None and progress["validation"]["epoch"] == 2
+    result = job["result"]
+    version = result["model_version_id"]
+    assert job["result_model_version"] == version and result["epochs_completed"] == 2
+    assert {"valid", "test", "parent_valid", "parent_test", "decision", "promotion"} <= set(result)
+
+    model = fleet.client.get(f"{MODELS}/{version}", headers=fleet.headers()).json()
+    assert model["method"] == "csada" and model["status"] in ("candidate", "promoted")
+    lineage = model["lineage"]
+    assert lineage["parent"] == fleet.seeded.base_model and lineage["training_job"] == job_id
+    assert lineage["cost_matrix_version"] == fleet.seeded.cost_matrix_version and lineage["dataset"] == "tiny"
+    assert lineage["dataset_fingerprint"] and lineage["code_version"]
+    for split in ("valid", "test"):
+        report = model["metrics"][split]
+        assert report["n"] == 12 and len(report["confusion"]) == 4 and sum(map(sum, report["confusion"])) == 12
+        assert {"total_cost", "wer", "accuracy", "pair_errors"} <= set(report)
+        tables = model["comparison"][split]
+        assert {row["metric"] for row in tables["table5"]} >= {"Total cost", "Overall accuracy (%)"}
+        assert all({"parent", "candidate"} <= set(row) for row in tables["table5"] + tables["table6"])
+    assert model["decision"]["classes"] and model["temperature"] > 0
+    assert model["sha256"] == result["weights_sha256"]
+
+    promotion = result["promotion"]
+    history = fleet.client.get(f"{MODELS}/promotions", headers=fleet.headers()).json()
+    auto = [h for h in history if h["action"] == "auto_promote"]
+    assert len(auto) == 1 and auto[0]["to_model_version"] == version
+    assert auto[0]["outcome"] == ("applied" if promotion["promoted"] else "refused")
+    assert {c["name"] for c in auto[0]["gate"]["checks"]} == {"total_cost", "accuracy_drop", "critical_pair_errors"}
+    active = next(m["id"] for m in fleet.client.get(MODELS, headers=fleet.headers()).json() if m["active"])
+    assert active == (version if promotion["promoted"] else fleet.seeded.base_model)
+
+
+def test_cancel_stops_a_running_job_at_its_next_step(fleet: Fleet) -> None:
+    job_id = fleet.start_job(method="baseline", hyperparameters={"epochs": 500, "batch_size": 4})
+    fleet.wait_status(job_id, "running")
+    from tests.worker.factories import wait_for
+
+    wait_for(lambda: fleet.job(job_id)["progress"].get("phase") == "training", timeout=60, what="training steps")
+    response = fleet.client.post(f"/v1/admin/training-jobs/{job_id}/cancel", headers=fleet.headers())
+    assert response.status_code == 202 and response.json()["cancel_requested"] is True
+    job = fleet.wait_status(job_id, "cancelled", timeout=30)
+    assert job["progress"]["phase"] == "cancelled" and job["result_model_version"] is None
+    assert job["result"]["cancelled_after_epochs"] < 500
+    assert len(fleet.client.get(MODELS, headers=fleet.headers()).json()) == 1  # nothing registered
+
+
+def test_a_duplicate_delivery_does_not_run_the_job_twice(fleet: Fleet) -> None:
+    celery = create_celery_app(fleet.settings)
+    job_id = fleet.start_job(method="csada", hyperparameters={"epochs": 3, "batch_size": 4, "steps": 10})
+    duplicate = celery.send_task(RUN_JOB, args=[job_id])  # delivered while the first one runs
+    job = fleet.wait_status(job_id, "succeeded")
+    skipped: dict[str, Any] = duplicate.get(timeout=60)
+    assert skipped["job_id"] == job_id and skipped["skipped"].startswith("leased by"), skipped
+    assert job["attempts"] == 1 and fleet.row(job_id)["lease_owner"] is None
+    late = celery.send_task(RUN_JOB, args=[job_id]).get(timeout=60)  # redelivered after it finished
+    assert late == {"job_id": job_id, "skipped": "already succeeded"}
+    assert fleet.job(job_id)["attempts"] == 1
+    assert len(fleet.client.get(MODELS, headers=fleet.headers()).json()) == 2  # model A and the one result
