@@ -234,12 +234,15 @@ def finish(session: Session, *, settings: Settings, prepared: Prepared, predicti
         image_width=image_info.width, image_height=image_info.height, latency_ms=round(latency_ms, 3))
     body = response_body(row, decision=decision, model_sha256=prediction.served.weights_sha256)
     row.top, row.response = body["top"], body
+    if idempotency_key is None:
+        session.add(row)
+        session.flush()
+        return Outcome(body=body, decision=decision)
     try:
-        with session.begin_nested():  # a savepoint: losing an idempotency race must not undo the request
+        # A savepoint, so that losing a race for the same Idempotency-Key leaves a usable transaction.
+        with session.begin_nested():
             session.add(row)
     except IntegrityError:
-        if idempotency_key is None:
-            raise
         replay = _replay_or_refuse(session, api_key_id=api_key_id, idempotency_key=idempotency_key,
                                    request_sha256=prepared.request_sha256)
         if replay is None:

@@ -120,3 +120,27 @@ def test_an_inactive_product_is_refused(served_any: ApiEnv) -> None:
     response = post_verification(served_any.client, served_any.keys[Role.CLIENT], image=jpeg_photo(), ndc=GLIP)
     assert response.status_code == 422 and response.json()["type"].endswith("/product-inactive")
     assert served_any.client.get("/readyz").status_code == 200
+
+
+def test_concurrent_retries_with_one_idempotency_key_store_one_record(served_any: ApiEnv) -> None:
+    import threading
+
+    from app.orm import Verification
+    from tests.app.factories import count_rows
+
+    answers: list[Any] = []
+    barrier = threading.Barrier(4)
+
+    def retry() -> None:
+        barrier.wait(5)
+        answers.append(post_verification(served_any.client, served_any.keys[Role.CLIENT], image=jpeg_photo(),
+                                         headers={"Idempotency-Key": "same-fill"}))
+
+    threads = [threading.Thread(target=retry) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert [a.status_code for a in answers] == [200] * 4, [a.text for a in answers]
+    assert len({a.json()["id"] for a in answers}) == 1
+    assert count_rows(served_any.settings, Verification) == 1
