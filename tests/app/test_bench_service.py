@@ -1,0 +1,67 @@
+"""`rxverify bench service`: its pieces (fast) and one small end-to-end run with real servers (slow)."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.cli import main as cli_main
+from app.commands import bench_support as support
+from app.orm import Role
+from tests.app.model_factory import FAVOURITE, cached_checkpoint, jpeg_photo, make_checkpoint, served_settings
+from tests.conftest import ApiEnv
+
+
+@pytest.fixture(scope="session")
+def checkpoint_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("bench-checkpoints")
+
+
+def test_the_pre_encoded_body_is_what_the_service_reads(seeded_sqlite_template: Any, tmp_path: Path,
+                                                        make_client: Any, checkpoint_root: Path) -> None:
+    template, keys = seeded_sqlite_template
+    settings = served_settings(template, tmp_path / "data", checkpoint=cached_checkpoint(checkpoint_root))
+    env = ApiEnv(settings, make_client(settings), dict(keys))
+    body, content_type = support.multipart_body(jpeg_photo(), prescribed_ndc=FAVOURITE)
+    response = env.client.post("/v1/verifications", content=body,
+                               headers={**env.as_role(Role.CLIENT), "Content-Type": content_type})
+    assert response.status_code == 200 and response.json()["prescribed_ndc"] == FAVOURITE
+
+
+def test_load_result_summary() -> None:
+    result = support.LoadResult(concurrency=4, requests=5, wall_s=2.0, latencies_s=[0.1, 0.2, 0.3, 0.4],
+                                statuses={200: 4, 503: 1})
+    summary = result.summary()
+    assert summary["throughput_rps"] == 2.0 and summary["ok"] == 4 and summary["statuses"] == {"200": 4, "503": 1}
+    assert summary["p50_ms"] == 250.0 and 395 < summary["p99_ms"] <= 400
+
+
+def test_photos_have_the_pmi_size(tmp_path: Path) -> None:
+    from PIL import Image
+
+    (photo,) = support.render_photos(tmp_path, count=1)
+    with Image.open(io.BytesIO(photo)) as image:
+        assert image.size == (1284, 960) and image.format == "JPEG"
+    assert support.render_photos(tmp_path, count=1) == [photo]  # rendered once, then read back
+
+
+@pytest.mark.slow
+def test_a_small_end_to_end_run(tmp_path: Path) -> None:
+    from models.pmi import PMI_NDCS
+
+    checkpoint = make_checkpoint(tmp_path / "tiny", classes=PMI_NDCS, image_size=32)
+    out = tmp_path / "bench.json"
+    code = cli_main(["bench", "service", "--model", str(checkpoint), "--requests", "4", "--rounds", "1",
+                     "--concurrency", "1,2", "--photos", "1", "--stage-repeats", "1", "--batch-wait-ms", "1",
+                     "--work-dir", str(tmp_path / "work"), "--json", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    for ratio in ("throughput_ratio", "p50_ratio", "vs_naive"):
+        assert result[ratio] > 0
+    assert result["service"]["c2"]["statuses"] == {"200": 4} and result["naive"]["c2"]["statuses"] == {"200": 4}
+    assert result["device"].split(":")[0] in ("cpu", "cuda") and result["model"]["untrained"] is False
+    assert result["raw"]["throughput_rps"] > 0 and result["machine"]["cpu_count"]
