@@ -224,7 +224,9 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     port, naive_port = support.free_port(), support.free_port()
     env = {"RXVERIFY_DATA_DIR": str(work / "data"), "RXVERIFY_DEVICE": config.device,
            "RXVERIFY_TORCH_THREADS": threads, "RXVERIFY_MAX_BATCH_SIZE": str(config.max_batch_size),
-           "RXVERIFY_MAX_BATCH_WAIT_MS": str(config.batch_wait_ms), "RXVERIFY_LOG_FORMAT": "json"}
+           "RXVERIFY_MAX_BATCH_WAIT_MS": str(config.batch_wait_ms), "RXVERIFY_LOG_FORMAT": "json",
+           # One pooled connection per concurrent request: overflow connections are opened and closed per use.
+           "RXVERIFY_DB_POOL_SIZE": str(max(config.concurrency) + 4)}
     naive_env = {"RXVERIFY_BENCH_CHECKPOINT": str(checkpoint), "RXVERIFY_DEVICE": config.device,
                  "RXVERIFY_TORCH_THREADS": threads}
     print(f"service on 127.0.0.1:{port}, naive server on 127.0.0.1:{naive_port}", flush=True)
@@ -279,7 +281,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
                   "note": ("untrained weights (random init) with a policy fitted on simulated outputs: the timings "
                            "are real, the verdicts mean nothing") if untrained else "as given"},
         "engine": {"max_batch_size": config.max_batch_size, "max_batch_wait_ms": config.batch_wait_ms,
-                   "uvicorn_workers": 1, "jpeg_draft": True, "database": "sqlite (embedded), one row per verdict",
+                   "adaptive_wait": True, "uvicorn_workers": 1, "db_pool_size": max(config.concurrency) + 4, "jpeg_draft": True, "database": "sqlite (embedded), one row per verdict",
                    "embedded_training_worker": False},
         "photos": {"count": len(photos), "size": list(support.PHOTO_SIZE),
                    "mean_bytes": round(sum(map(len, photos)) / len(photos))},
