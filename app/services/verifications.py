@@ -39,6 +39,8 @@ from app.orm import Product, Verification, utcnow
 from app.services.cost_matrices import active_version_id, cost_matrix_of
 from app.services.model_registry import model_version_id_of_label
 from app.services.products import ndc_field_error
+from app.services.verification_log import FeedbackExample as FeedbackExample  # re-export: labelled feedback
+from app.services.verification_log import feedback_examples as feedback_examples  # for the training jobs
 from models.costs import CostMatrix
 from models.decision import Decision
 
