@@ -8,9 +8,10 @@ from typing import Any
 def register(sub: Any, groups: dict[str, Any]) -> None:
     """Add every app/ command to the `rxverify` parser."""
     # Each module exposes register(sub, groups); keep imports light (no torch at parse time).
-    from app.commands import admin, bench_service, data, runtime
+    from app.commands import admin, bench_service, bench_swap, data, runtime
 
     admin.register(sub, groups)
     runtime.register(sub, groups)
     data.register(sub, groups)
     bench_service.register(sub, groups)
+    bench_swap.register(sub, groups)

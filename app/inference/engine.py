@@ -103,8 +103,15 @@ class EngineConfig:
 
     @property
     def warmup_sizes(self) -> tuple[int, ...]:
-        """Batch sizes run once before a model becomes current."""
+        """Batch sizes run once before a model becomes current (on CUDA; see warmup_sizes_for)."""
         return self.warmup_batch_sizes or tuple(sorted({1, self.max_batch_size}))
+
+    def warmup_sizes_for(self, device: torch.device) -> tuple[int, ...]:
+        """On the CPU only batch 1: a new batch shape costs little there, and a max-size warm-up batch would
+        hold up live batches on the one torch thread for a whole forward during a hot swap."""
+        if self.warmup_batch_sizes or device.type == "cuda":
+            return self.warmup_sizes
+        return (1,)
 
 
 @dataclass(eq=False)
@@ -336,7 +343,7 @@ class InferenceEngine:
         """Run the batch sizes the model will see, one forward per job, interleaved with live batches."""
         loop = asyncio.get_running_loop()
         example = served.preset(Image.new("RGB", (served.preset.image_size,) * 2, (128, 128, 128)))
-        for size in self.config.warmup_sizes:
+        for size in self.config.warmup_sizes_for(served.device):
             probs = await loop.run_in_executor(
                 self._executor, functools.partial(self._forward, served, [example] * size, record=False))
             if probs.shape != (size, len(served.classes)) or not np.isfinite(probs).all():

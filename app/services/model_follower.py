@@ -89,6 +89,8 @@ class ModelFollower:
             self._failed = (ref.label, time.monotonic())
             return False
         self._failed = None
+        # swap_to has dropped the old model; hand the freed heap back to the OS so RSS returns to one model.
+        await asyncio.to_thread(release_heap)
         self.swaps += 1
         self.last_swap_s = time.perf_counter() - started
         logger.info("now serving model version %s (swap took %.2f s)", ref.label, self.last_swap_s)
@@ -132,6 +134,24 @@ class ModelFollower:
             finally:
                 with contextlib.suppress(Exception):
                     await client.aclose()
+
+
+def release_heap() -> bool:
+    """glibc's malloc_trim(0): return free heap pages of every arena to the OS (False where unavailable).
+
+    A retired model's tensors are freed into malloc arenas (loading runs in worker threads, each with its
+    own arena); without trimming, resident memory keeps a model's worth of free pages after each swap.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        return bool(ctypes.CDLL(name).malloc_trim(0))
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        return False
 
 
 def follower_of(app: FastAPI) -> ModelFollower | None:
