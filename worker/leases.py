@@ -83,7 +83,7 @@ def claim(database: Database, *, job_id: int, ttl_s: float, task_id: str | None)
         return Claim(None, f"leased by {job.lease_owner} until {job.lease_expires_at}")
 
 
-def _owned(session: Session, lease: Lease) -> Any:
+def _owned(lease: Lease) -> Any:
     return update(TrainingJob).where(TrainingJob.id == lease.job_id, TrainingJob.lease_owner == lease.owner,
                                      TrainingJob.status == "running")
 
@@ -91,14 +91,14 @@ def _owned(session: Session, lease: Lease) -> Any:
 def renew(database: Database, lease: Lease) -> bool:
     """Extend the lease; False when it is no longer ours."""
     with database.session() as session:
-        result = session.execute(_owned(session, lease)
+        result = session.execute(_owned(lease)
                                  .values(lease_expires_at=utcnow() + timedelta(seconds=lease.ttl_s)))
         return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
 
 def update_owned(session: Session, lease: Lease, **values: Any) -> None:
     """Update the job's row in the caller's transaction; LeaseLost when the lease is no longer ours."""
-    result = session.execute(_owned(session, lease).values(**values))
+    result = session.execute(_owned(lease).values(**values))
     if result.rowcount != 1:  # type: ignore[attr-defined]
         raise LeaseLost(f"training job {lease.job_id} is no longer leased by {lease.owner}")
 

@@ -28,7 +28,7 @@ from worker.celery_app import celery_app
 logger = logging.getLogger(__name__)
 
 RUN_JOB = "rxverify.training.run_job"
-MAX_TIME_LIMIT_RETRIES = 20
+MAX_TIME_LIMIT_RETRIES = 100  # each retry must have advanced by an epoch (checked), so this only caps
 
 
 class JobTask(Task):  # type: ignore[misc]
@@ -96,15 +96,22 @@ class JobTask(Task):  # type: ignore[misc]
                                   result={"cancelled_after_epochs": outcome.fit.epochs_completed})
                 logger.info("training job %s cancelled", job_id)
                 return {"job_id": job_id, "status": "cancelled"}
-            return self._time_limited(job_id, lease=lease, progress=hooks.progress)
+            progressed = (hooks.progress.get("checkpoint_epoch") or 0) > hooks.start_epoch
+            return self._time_limited(job_id, lease=lease, progress=hooks.progress, progressed=progressed)
         result = registration.register_and_finish(database=self.database, settings=self.settings, spec=spec,
                                                   lease=lease, hooks=hooks, outcome=outcome, data_root=data_root,
                                                   workdir=workdir, started=started)
         return {"job_id": job_id, "status": "succeeded", "model_version_id": result["model_version_id"]}
 
-    def _time_limited(self, job_id: int, *, lease: leases.Lease, progress: dict[str, Any]) -> dict[str, Any]:
+    def _time_limited(self, job_id: int, *, lease: leases.Lease, progress: dict[str, Any],
+                      progressed: bool = True) -> dict[str, Any]:
         """Back to queued with the last epoch checkpoint kept, then retried (it resumes from the checkpoint)."""
         retries = int(self.request.retries or 0)
+        if not progressed:
+            # Another attempt would stop at the same place: fail now instead of looping.
+            self._fail(lease, RuntimeError("the soft time limit was reached before one epoch finished; raise "
+                                           "RXVERIFY_TASK_SOFT_TIME_LIMIT_S or shorten the epochs"))
+            return {"job_id": job_id, "status": "failed"}
         if retries >= MAX_TIME_LIMIT_RETRIES:
             self._fail(lease, RuntimeError(f"the soft time limit was reached {retries + 1} times"))
             return {"job_id": job_id, "status": "failed"}
@@ -123,11 +130,13 @@ class JobTask(Task):  # type: ignore[misc]
             logger.warning("training job %s failed after its lease was lost; not recorded", lease.job_id)
 
 
-@celery_app.task(bind=True, base=JobTask, name=RUN_JOB)
-def run_job(self: JobTask, job_id: int) -> dict[str, Any]:
+def run_training_job(self: JobTask, job_id: int) -> dict[str, Any]:
     """Run training job `job_id` (the message carries the id only; everything else is read from the DB)."""
     with bind_request_id(f"job-{job_id}"):
         return self.run_job(job_id)
+
+
+run_job = celery_app.task(bind=True, base=JobTask, name=RUN_JOB)(run_training_job)
 
 
 _reaper: leases.Reaper | None = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import io
+import json
 import os
 import signal
 import subprocess
@@ -153,10 +154,14 @@ def job_row(settings: Settings, job_id: int) -> dict[str, Any]:
     engine = create_engine(settings.database_url)
     try:
         with engine.connect() as connection:
-            row = connection.execute(text("SELECT * FROM training_jobs WHERE id = :id"), {"id": job_id}).mappings().one()
-            return dict(row)
+            row = dict(connection.execute(text("SELECT * FROM training_jobs WHERE id = :id"),
+                                          {"id": job_id}).mappings().one())
     finally:
         engine.dispose()
+    for key in ("progress", "result", "hyperparameters"):  # SQLite hands raw SQL's JSON back as text
+        if isinstance(row[key], str):
+            row[key] = json.loads(row[key])
+    return row
 
 
 def worker_env(settings: Settings, **extra: str) -> dict[str, str]:

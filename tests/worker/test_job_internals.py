@@ -1,0 +1,102 @@
+"""Job internals in one process: the soft time limit requeues and resumes (Celery's own retry, applied
+eagerly here because the path under test is the task's, not the broker's); feedback images join the
+train split up to the request's cut-off."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from app.config import Settings
+from app.db import Database
+from app.orm import Resolution, Verification
+from app.services.audit import Actor
+from app.services.training_jobs import JobRequest, create_job
+from tests.worker.factories import CLASSES, job_row, seeded_sqlite_settings, tiny_assets
+from worker.celery_app import create_celery_app
+from worker.tasks import RUN_JOB, JobTask, run_training_job
+from worker.training import Workdir, load_spec, prepare_data
+
+
+@pytest.fixture
+def assets_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's tiny assets folder."""
+    root = tmp_path_factory.getbasetemp()
+    tiny_assets(root / "tiny-assets")
+    return root
+
+
+def _job(settings: Settings, request: JobRequest) -> int:
+    database = Database(settings)
+    try:
+        with database.session() as session:
+            job, created = create_job(session, request=request, actor=Actor.cli("tests"), auto_promote_default=False)
+            assert created
+            return job.id
+    finally:
+        database.dispose()
+
+
+@pytest.fixture
+def task_settings(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Restore the task's process-wide database after the test."""
+    yield
+    if JobTask._database is not None:
+        JobTask._database.dispose()
+    JobTask._database = None
+
+
+@pytest.mark.slow
+def test_the_soft_time_limit_keeps_the_checkpoint_requeues_and_resumes(
+        tmp_path: Path, assets_root: Path, task_settings: None) -> None:
+    settings, _seeded = seeded_sqlite_settings(
+        assets_root, tiny_assets(assets_root / "tiny-assets"), tmp_path / "data", task_soft_time_limit_s=2,
+        task_time_limit_s=3, broker_visibility_timeout_s=4, torch_threads=1, training_lease_s=30)
+    job_id = _job(settings, JobRequest(method="baseline", dataset="tiny", hyperparameters={"epochs": 30, "batch_size": 4}))
+    app = create_celery_app(settings.model_copy(update={"result_backend": "cache+memory://"}))
+    task = app.task(bind=True, base=JobTask, name=RUN_JOB)(run_training_job)
+    JobTask._database = None
+    result = task.apply(args=[job_id]).get()  # each retry runs at once, in this process
+    row = job_row(settings, job_id)
+    assert result["status"] == "succeeded" and row["status"] == "succeeded", row
+    assert row["attempts"] >= 2, "30 epochs of 9 steps do not fit in one 2 s attempt"
+    assert row["progress"]["resumed_from_epoch"] > 0 and row["result"]["epochs_completed"] == 30
+
+
+def test_feedback_images_join_the_train_split_up_to_the_cutoff(tmp_path: Path, assets_root: Path) -> None:
+    settings, _seeded = seeded_sqlite_settings(assets_root, tiny_assets(assets_root / "tiny-assets"),
+                                               tmp_path / "data")
+    photo = next((assets_root / "tiny-assets" / "tiny-dataset" / "test" / CLASSES[2]).glob("*.jpg"))
+    database = Database(settings)
+    ids = []
+    try:
+        with database.session() as session:
+            for actual in (CLASSES[2], CLASSES[3], None):  # the last one: not a catalog product
+                verification = Verification(id=str(uuid.uuid4()), prescribed_ndc_input=CLASSES[0],
+                                            prescribed_ndc=CLASSES[0], verdict="review", reason="prescribed-not-top",
+                                            image_sha256="0" * 64, image_path=str(photo), image_format="JPEG")
+                session.add(verification)
+                session.flush()
+                session.add(Resolution(verification_id=verification.id, actual_ndc=actual, resolved_by="tests"))
+                ids.append(verification.id)
+    finally:
+        database.dispose()
+    job_id = _job(settings, JobRequest(method="csada", dataset="tiny", include_feedback=True,
+                                       hyperparameters={"epochs": 1}))
+    assert job_row(settings, job_id)["feedback_through_id"] == 3
+    database = Database(settings)
+    try:
+        with database.session() as session:  # resolved after the request: not used by this job
+            session.add(Resolution(verification_id=ids[0], actual_ndc=CLASSES[1], resolved_by="later"))
+        spec = load_spec(database, settings, job_id)
+    finally:
+        database.dispose()
+    assert [(f.ndc, f.verification_id) for f in spec.feedback] == [(CLASSES[2], ids[0]), (CLASSES[3], ids[1])]
+    root = prepare_data(spec, Workdir(tmp_path / "job"))
+    added = sorted(p.relative_to(root).as_posix() for p in root.rglob("feedback-*"))
+    assert added == [f"train/{CLASSES[2]}/feedback-{ids[0]}.jpg", f"train/{CLASSES[3]}/feedback-{ids[1]}.jpg"]
+    assert len(list((root / "train").rglob("*.jpg"))) == 36 + 2
+    assert len(list((root / "valid").rglob("*.jpg"))) == 12  # valid and test are the registered dataset's
