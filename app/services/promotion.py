@@ -163,6 +163,12 @@ def _apply(session: Session, *, version: ModelVersion, previous: int | None, act
     return entry
 
 
+def _lock_active(session: Session) -> None:
+    """Serialise changes of the active model: concurrent promotions queue on the pointer row (PostgreSQL;
+    SQLite serialises writers anyway), so each history entry's `from` is the version really replaced."""
+    session.execute(select(ActiveState.id).where(ActiveState.id == ACTIVE_STATE_ID).with_for_update())
+
+
 def _get(session: Session, model_version_id: int) -> ModelVersion:
     version = session.get(ModelVersion, model_version_id)
     if version is None:
@@ -178,6 +184,7 @@ def promote(session: Session, settings: Settings, *, model_version_id: int, acto
                            errors=[FieldError("reason", "required when force is true", "required")])
     version = _get(session, model_version_id)
     check_classes_in_catalog(session, tuple(version.classes))
+    _lock_active(session)
     active = active_model_version(session)
     if active is not None and active.id == version.id:
         raise Conflict(f"model version {version.id} is already active", slug="model-already-active")
@@ -193,6 +200,7 @@ def promote(session: Session, settings: Settings, *, model_version_id: int, acto
 def auto_promote(session: Session, settings: Settings, *, candidate: ModelVersion, actor: Actor,
                  job_id: int) -> dict[str, Any]:
     """The worker's promotion: applied when the gate passes, else recorded as refused. Returns the outcome."""
+    _lock_active(session)
     active = active_model_version(session)
     if active is not None and active.id == candidate.id:
         return {"attempted": True, "promoted": False, "detail": "the candidate is already active"}
@@ -228,6 +236,7 @@ def rollback_target(session: Session) -> tuple[int | None, int | None]:
 
 def rollback(session: Session, *, actor: Actor, reason: str | None) -> ModelPromotion:
     """Return to the version that was active before the latest promotion still in force (409 if none)."""
+    _lock_active(session)
     current_id = session.scalar(select(ActiveState.model_version_id).where(ActiveState.id == ACTIVE_STATE_ID))
     active, previous = rollback_target(session)
     if current_id is None or previous is None or active != current_id:
