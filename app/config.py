@@ -54,7 +54,8 @@ class Settings(BaseSettings):
     inference_queue_size: int = Field(default=256, ge=1, description="Bounded queue; full = 503 Retry-After.")
     torch_threads: int | None = Field(default=None, ge=1, description="CPU threads for torch; unset = torch default.")
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
-    model_poll_seconds: float = Field(default=5.0, gt=0, description="Fallback poll for the active model version.")
+    model_poll_seconds: float = Field(default=2.0, gt=0, description="Fallback poll for the active model version "
+                                      "(the only signal in embedded mode: promotion to serving within 5 s).")
 
     # --- costs and promotion ----------------------------------------------------------------
     max_cost: float = Field(default=1000.0, gt=0, description="Largest cost a pharmacist may enter.")
