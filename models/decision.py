@@ -41,9 +41,9 @@ from models.costs import CostMatrix
 POLICY_FORMAT_VERSION = 1
 VERDICTS = ("match", "mismatch", "review")
 REASONS = ("accepted", "prescribed-implausible", "prescribed-not-top", "accept-risk-too-high",
-           "conformal-set-excludes-prescribed", "conformal-set-ambiguous")
-_ACCEPTED, _IMPLAUSIBLE, _NOT_TOP, _RISK, _EXCLUDED, _AMBIGUOUS = range(len(REASONS))
-_VERDICT_OF_REASON = ("match", "mismatch", "review", "review", "review", "review")
+           "conformal-set-excludes-prescribed", "conformal-set-ambiguous", "no-fitted-policy")
+_ACCEPTED, _IMPLAUSIBLE, _NOT_TOP, _RISK, _EXCLUDED, _AMBIGUOUS, _UNFITTED = range(len(REASONS))
+_VERDICT_OF_REASON = ("match", "mismatch", "review", "review", "review", "review", "review")
 
 CONFORMAL_GUARANTEE = (
     "For bottles that truly contain product y, the prediction set contains y at least 1 - alpha_y of the "
@@ -87,6 +87,9 @@ class VerdictPolicy:
     alpha: tuple[float, ...]
     critical_cost: float
     report: dict[str, Any] = field(default_factory=dict, compare=False)
+    # False for a model without fitted thresholds: nothing it sees may be auto-accepted, whatever the risk
+    # (a confident float32 softmax can round to an exact 0 risk, which `risk > accept_risk` lets through).
+    accepts: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "classes", tuple(self.classes))
@@ -109,7 +112,7 @@ class VerdictPolicy:
         """A policy for a model with no fitted thresholds: never accepts nor rejects, everything goes to review."""
         k = len(classes)
         return cls(tuple(classes), accept_risk=0.0, mismatch_probability=0.0, qhat=(1.0,) * k,
-                   alpha=(0.5,) * k, critical_cost=critical_cost, report={"fitted": False})
+                   alpha=(0.5,) * k, critical_cost=critical_cost, report={"fitted": False}, accepts=False)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict for `CheckpointMetadata.decision`."""
@@ -126,7 +129,7 @@ class VerdictPolicy:
             return cls(classes=tuple(data["classes"]), accept_risk=float(data["accept_risk"]),
                        mismatch_probability=float(data["mismatch_probability"]), qhat=tuple(data["qhat"]),
                        alpha=tuple(data["alpha"]), critical_cost=float(data["critical_cost"]),
-                       report=dict(data.get("report") or {}))
+                       report=dict(data.get("report") or {}), accepts=bool(data.get("accepts", True)))
         except (KeyError, TypeError) as error:
             raise ValueError(f"invalid verdict policy: {error!r}") from None
 
@@ -177,6 +180,8 @@ def _pair_reasons(probs: np.ndarray, costs: np.ndarray, policy: VerdictPolicy) -
     reasons[risk > policy.accept_risk] = _RISK
     reasons[~is_top] = _NOT_TOP
     reasons[~is_top & (probs < policy.mismatch_probability) & ~in_set] = _IMPLAUSIBLE
+    if not policy.accepts:
+        reasons[reasons == _ACCEPTED] = _UNFITTED
     return reasons, risk
 
 

@@ -27,7 +27,7 @@ class VerificationRead(BaseModel):
                                          "`review`: a pharmacist must check.")
     reason: str = Field(examples=["accepted", "prescribed-implausible", "prescribed-not-top",
                                   "accept-risk-too-high", "conformal-set-excludes-prescribed",
-                                  "conformal-set-ambiguous"],
+                                  "conformal-set-ambiguous", "no-fitted-policy"],
                         description="Machine-readable reason of the verdict.")
     prescribed_ndc: str = Field(description="The prescription's normalised product key.", examples=["00378-0208"])
     prescribed_ndc_input: str = Field(description="The NDC exactly as sent.", examples=["0378-0208-01"])

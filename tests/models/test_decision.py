@@ -253,3 +253,16 @@ def test_invariants_of_the_rule(raw: list[float], r: int, extra_cost: float) -> 
     raised = costs({(other, CLASSES[r]): 1.0 + extra_cost})
     again = decide(probs, prescribed_index=r, cost_matrix=raised, policy=policy, classes=CLASSES)
     assert not (again.verdict == "match" and base.verdict != "match")
+
+
+def test_review_only_policy_never_accepts_even_at_zero_risk() -> None:
+    # A confident float32 softmax rounds to exactly [1, 0, 0]: the accept risk is exactly 0.
+    policy = VerdictPolicy.review_only(CLASSES, critical_cost=5)
+    unit = costs()
+    for prescribed in range(len(CLASSES)):
+        probs = [0.0, 0.0, 0.0]
+        probs[prescribed] = 1.0
+        decision = decide(probs, prescribed_index=prescribed, cost_matrix=unit, classes=CLASSES, policy=policy)
+        assert (decision.verdict, decision.reason) == ("review", "no-fitted-policy")
+        assert decision.expected_accept_cost == 0.0
+    assert VerdictPolicy.from_dict(policy.to_dict()).accepts is False
