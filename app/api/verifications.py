@@ -140,6 +140,9 @@ async def _verify(request: Request, *, actor_key_id: int | None, session: Sessio
             jobs.append(run_in_threadpool(service.preprocess_upload, served, form.image, limits=limits))
         results = await asyncio.gather(*jobs, return_exceptions=True)
         prepared = _result(results[0], service.Prepared)
+        # `prepare` only reads: end its transaction so the pooled connection is not held through the
+        # queue wait and the forward pass (the pool must never be what bounds concurrency).
+        await run_in_threadpool(session.commit)
         if prepared.replay is not None:
             return JSONResponse(prepared.replay, headers={"Idempotent-Replayed": "true"}), "replay"
         if served is None:
