@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import shutil
 import subprocess
 import time
 from importlib import metadata as importlib_metadata
@@ -130,6 +131,7 @@ def register_and_finish(*, database: Database, settings: Settings, spec: JobSpec
                       result_model_version_id=version.id, progress=dict(hooks.progress))
     if promoted is not None:
         promotion.publish_active_change(settings, model_version_id=promoted, action="auto_promote")
+    _discard_work_files(workdir)
     logger.info("training job %s succeeded: model version %s%s", spec.job_id, result["model_version_id"],
                 " (promoted)" if promoted else "")
     return result
@@ -145,3 +147,16 @@ def _set_lineage(version: ModelVersion, *, spec: JobSpec, metrics: dict[str, Any
     version.code_version = code_version()
     version.metrics = metrics
     version.created_by = worker_actor(spec.job_id).name
+
+
+def _discard_work_files(workdir: Workdir) -> None:
+    """After success the registered copy is what counts: drop the epoch checkpoint (optimiser state
+    included, several times the model) and the intermediate checkpoints; costs.csv stays for the record."""
+    for path in (workdir.state, workdir.out, workdir.final, workdir.data):
+        try:
+            if path.is_symlink() or path.is_file():
+                path.unlink()
+            elif path.is_dir():
+                shutil.rmtree(path)
+        except OSError:
+            logger.warning("could not remove %s", path)
