@@ -55,15 +55,16 @@ def test_the_soft_time_limit_keeps_the_checkpoint_requeues_and_resumes(
     settings, _seeded = seeded_sqlite_settings(
         assets_root, tiny_assets(assets_root / "tiny-assets"), tmp_path / "data", task_soft_time_limit_s=2,
         task_time_limit_s=3, broker_visibility_timeout_s=4, torch_threads=1, training_lease_s=30)
-    job_id = _job(settings, JobRequest(method="baseline", dataset="tiny", hyperparameters={"epochs": 30, "batch_size": 4}))
+    job_id = _job(settings, JobRequest(method="baseline", dataset="tiny", hyperparameters={"epochs": 120, "batch_size": 4}))
     app = create_celery_app(settings.model_copy(update={"result_backend": "cache+memory://"}))
     task = app.task(bind=True, base=JobTask, name=RUN_JOB)(run_training_job)
     JobTask._database = None
     result = task.apply(args=[job_id]).get()  # each retry runs at once, in this process
     row = job_row(settings, job_id)
     assert result["status"] == "succeeded" and row["status"] == "succeeded", row
-    assert row["attempts"] >= 2, "30 epochs of 9 steps do not fit in one 2 s attempt"
-    assert row["progress"]["resumed_from_epoch"] > 0 and row["result"]["epochs_completed"] == 30
+    # 30 epochs fitted inside one 2 s attempt on a quiet machine (a flaky test); 120 leave the soft limit room.
+    assert row["attempts"] >= 2, "120 epochs of 9 steps do not fit in one 2 s attempt"
+    assert row["progress"]["resumed_from_epoch"] > 0 and row["result"]["epochs_completed"] == 120
 
 
 def test_feedback_images_join_the_train_split_up_to_the_cutoff(tmp_path: Path, assets_root: Path) -> None:
