@@ -92,6 +92,9 @@ def register_and_finish(*, database: Database, settings: Settings, spec: JobSpec
                                             device=settings.device)
     decision = fit_verdict_policy(candidate["valid"], classes=outcome.metadata.classes, cost_matrix=costs,
                                   critical_cost=settings.critical_cost_threshold, seed=spec.seed)
+    # An earlier attempt may have died after writing `final` and before the commit: it is derived from this
+    # attempt's checkpoint, so rebuild it rather than fail on a non-empty directory.
+    shutil.rmtree(workdir.final, ignore_errors=True)
     with_updated_metadata(outcome.checkpoint, workdir.final, decision=decision)
     hooks.progress.update(phase="registering")
     hooks.write()
