@@ -208,10 +208,15 @@ def redis_url() -> str:
 @pytest.fixture
 def redis_prefix(redis_url: str) -> Iterator[str]:
     """A random key prefix on the shared Redis; every key under it is deleted after the test."""
-    import redis
-
     prefix = f"rxv_test_{os.getpid()}_{secrets.token_hex(4)}:"
     yield prefix
+    delete_redis_prefix(redis_url, prefix)
+
+
+def delete_redis_prefix(redis_url: str, prefix: str) -> None:
+    """Delete every key under `prefix` on the shared Redis."""
+    import redis
+
     client = redis.Redis.from_url(redis_url)
     try:
         keys = list(client.scan_iter(match=f"{prefix}*", count=500))

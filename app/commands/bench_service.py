@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -113,21 +112,9 @@ def _prepare_data_dir(data_dir: Path, checkpoint: Path) -> str:
 
 def _scrape(port: int) -> dict[str, float]:
     """Batch-size and queue-wait sums and counts from the service's /metrics."""
-    import http.client
-
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        connection.request("GET", "/metrics")
-        text = connection.getresponse().read().decode()
-    finally:
-        connection.close()
-    wanted = ("rxverify_inference_batch_size_sum", "rxverify_inference_batch_size_count",
-              "rxverify_inference_queue_wait_seconds_sum", "rxverify_inference_queue_wait_seconds_count")
-    found = {}
-    for name in wanted:
-        match = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.MULTILINE)
-        found[name] = float(match.group(1)) if match else 0.0
-    return found
+    return support.scrape_metrics(port, ("rxverify_inference_batch_size_sum", "rxverify_inference_batch_size_count",
+                                 "rxverify_inference_queue_wait_seconds_sum",
+                                 "rxverify_inference_queue_wait_seconds_count"))
 
 
 def _engine_stats(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:

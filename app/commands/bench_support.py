@@ -274,3 +274,19 @@ class RawPipeline:
 def python() -> str:
     """This interpreter (servers run under the same environment)."""
     return sys.executable
+
+
+def scrape_metrics(port: int, names: Sequence[str]) -> dict[str, float]:
+    """The named samples (exact name, labels included) from a local service's /metrics; 0.0 when absent."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request("GET", "/metrics")
+        text = connection.getresponse().read().decode()
+    finally:
+        connection.close()
+    found = dict.fromkeys(names, 0.0)
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in found:
+            found[name] = float(value)
+    return found

@@ -219,19 +219,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _scrape_swaps(port: int) -> dict[str, float]:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        connection.request("GET", "/metrics")
-        text = connection.getresponse().read().decode()
-    finally:
-        connection.close()
-    found: dict[str, float] = {}
-    for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        if name in ("rxverify_model_swap_seconds_sum", "rxverify_model_swap_seconds_count",
-                    "rxverify_model_swap_failed", 'rxverify_model_swaps_total{outcome="failure"}'):
-            found[name] = float(value)
-    return found
+    return support.scrape_metrics(port, ("rxverify_model_swap_seconds_sum", "rxverify_model_swap_seconds_count",
+                                 "rxverify_model_swap_failed", 'rxverify_model_swaps_total{outcome="failure"}'))
 
 
 def _report(args: argparse.Namespace, answers: list[Answer], *, swaps: list[dict[str, Any]],

@@ -18,6 +18,7 @@ import pytest
 
 from app.config import Settings
 from app.orm import Role
+from tests.conftest import delete_redis_prefix
 from tests.worker.factories import Seeded, Workers, job_row, seed_training, tiny_assets, wait_for
 
 JOBS = "/v1/admin/training-jobs"
@@ -27,8 +28,6 @@ FAST = {"epochs": 2, "batch_size": 8, "steps": 3}
 @pytest.fixture(scope="module")
 def fleet_settings(postgres_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     """PostgreSQL + Redis settings with a short job lease (4 s) and CPU-deterministic training."""
-    import redis
-
     prefix = f"rxv_test_{os.getpid()}_{secrets.token_hex(4)}:"
     settings = Settings(data_dir=tmp_path_factory.mktemp("fleet"), database_url=postgres_url, broker_url=redis_url,
                         result_backend=redis_url, redis_url=redis_url, redis_key_prefix=prefix, training_lease_s=4,
@@ -36,13 +35,7 @@ def fleet_settings(postgres_url: str, redis_url: str, tmp_path_factory: pytest.T
                         torch_threads=1, model_poll_seconds=1.0)
     settings.ensure_dirs()
     yield settings
-    client = redis.Redis.from_url(redis_url)
-    try:
-        keys = list(client.scan_iter(match=f"{prefix}*", count=500))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
+    delete_redis_prefix(redis_url, prefix)
 
 
 @pytest.fixture(scope="module")
