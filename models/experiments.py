@@ -286,7 +286,7 @@ def run_experiment(config: ExperimentConfig, *, recipe: Recipe | None = None,
                    splits_for_seed: Callable[[int], DataSplits] | None = None,
                    progress: Callable[[str], None] | None = None) -> ExperimentResult:
     """Run every seed and method; `recipe`/`splits_for_seed` override the dataset defaults (tests)."""
-    recipe = recipe or recipe_for(config.dataset)
+    recipe = recipe or recipe_for(config.dataset, single_pair=config.critical_pair is not None)
     say = progress or (lambda message: logger.info("%s", message))
     set_cpu_threads(config.threads)
     device = select_device(config.device)
