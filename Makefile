@@ -14,10 +14,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# `rxverify up`: migrate, seed, and on the first run the demo dataset, model and keys; then serve on
+# RXVERIFY_HOST:RXVERIFY_PORT (default 127.0.0.1:8000) with a local worker until Ctrl-C. Logs are text
+# lines for a terminal unless RXVERIFY_LOG_FORMAT says otherwise.
 run: install
-	$(BIN)/rxverify migrate
-	$(BIN)/rxverify catalog seed-pmi
-	$(BIN)/rxverify serve --host 127.0.0.1 --port 8000
+	RXVERIFY_LOG_FORMAT=$${RXVERIFY_LOG_FORMAT:-text} $(BIN)/rxverify up
 
 lint: install
 	$(BIN)/ruff check app worker models migrations tests

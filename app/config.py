@@ -12,6 +12,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 LogFormat = Literal["json", "text"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+DemoArch = Literal["tiny_cnn", "resnet9", "resnet18", "resnet34", "resnet50"]
 
 
 class Settings(BaseSettings):
@@ -72,6 +73,14 @@ class Settings(BaseSettings):
     worker_max_tasks_per_child: int = Field(default=20, ge=1, description="Recycle prefork children.")
     training_lease_s: float = Field(default=60.0, ge=1, description="DB lease of a running training job; renewed "
                                     "every third of it, and an expired lease lets the reaper requeue the job.")
+
+    # --- first run (`rxverify up`, `make run`): the synthetic demo dataset and baseline model --------
+    demo_per_class: int = Field(default=200, ge=6, description="Synthetic photos of the largest class, all "
+                                "splits together (others scale by the paper's Table 8).")
+    demo_photo_size: int = Field(default=64, ge=16, le=1024, description="Height in px of the synthetic photos.")
+    demo_arch: DemoArch = Field(default="resnet18", description="Architecture of the demo baseline.")
+    demo_image_size: int = Field(default=64, ge=8, le=512, description="Input size in px of the demo baseline.")
+    demo_epochs: int = Field(default=15, ge=1, le=1000, description="Training epochs of the demo baseline.")
 
     @field_validator("allowed_image_formats", mode="before")
     @classmethod
@@ -147,7 +156,7 @@ class Settings(BaseSettings):
 
     @property
     def keys_dir(self) -> Path:
-        """Demo API keys written by `make run` (owner-only permissions)."""
+        """Demo API keys written by `rxverify up` / `make run` (owner-only permissions)."""
         return self.data_dir / "keys"
 
     @property

@@ -77,25 +77,35 @@ def _decision_summary(decision: dict[str, Any]) -> dict[str, Any]:
             **{k: report[k] for k in keys if k in report}}
 
 
+def finalise_checkpoint(checkpoint: Path, final: Path, *, data_root: Path, cost_matrix: CostMatrix,
+                        settings: Settings, seed: int) -> tuple[dict[str, evaluation.SplitEvaluation], dict[str, Any]]:
+    """Score a trained checkpoint on valid and test, fit its verdict policy on valid, write it to `final`."""
+    from models.checkpoint import read_metadata, with_updated_metadata
+
+    candidate = evaluation.evaluate_checkpoint(checkpoint, data_root=data_root, cost_matrix=cost_matrix,
+                                               device=settings.device)
+    decision = fit_verdict_policy(candidate["valid"], classes=read_metadata(checkpoint).classes,
+                                  cost_matrix=cost_matrix, critical_cost=settings.critical_cost_threshold, seed=seed)
+    # An earlier attempt may have died after writing `final` and before the commit: it is derived from this
+    # attempt's checkpoint, so rebuild it rather than fail on a non-empty directory.
+    shutil.rmtree(final, ignore_errors=True)
+    with_updated_metadata(checkpoint, final, decision=decision)
+    return candidate, decision
+
+
 def register_and_finish(*, database: Database, settings: Settings, spec: JobSpec, lease: Lease, hooks: Hooks,
                         outcome: TrainOutcome, data_root: Path, workdir: Workdir, started: float) -> dict[str, Any]:
     """Evaluate, fit, register, auto-promote and mark the job succeeded; returns the job's result."""
-    from models.checkpoint import read_metadata, with_updated_metadata
+    from models.checkpoint import read_metadata
 
     assert outcome.checkpoint is not None and outcome.metadata is not None
     hooks.progress.update(phase="evaluating", eta_s=0.0)
     hooks.write()
     costs = CostMatrix.read_csv(workdir.costs, spec.classes)
-    candidate = evaluation.evaluate_checkpoint(outcome.checkpoint, data_root=data_root, cost_matrix=costs,
-                                               device=settings.device)
+    candidate, decision = finalise_checkpoint(outcome.checkpoint, workdir.final, data_root=data_root,
+                                              cost_matrix=costs, settings=settings, seed=spec.seed)
     parent = evaluation.evaluate_checkpoint(spec.base_path, data_root=data_root, cost_matrix=costs,
                                             device=settings.device)
-    decision = fit_verdict_policy(candidate["valid"], classes=outcome.metadata.classes, cost_matrix=costs,
-                                  critical_cost=settings.critical_cost_threshold, seed=spec.seed)
-    # An earlier attempt may have died after writing `final` and before the commit: it is derived from this
-    # attempt's checkpoint, so rebuild it rather than fail on a non-empty directory.
-    shutil.rmtree(workdir.final, ignore_errors=True)
-    with_updated_metadata(outcome.checkpoint, workdir.final, decision=decision)
     hooks.progress.update(phase="registering")
     hooks.write()
     reports = {split: result.report for split, result in candidate.items()}

@@ -12,7 +12,7 @@ from app.commands.supervisor import (
     wants_embedded_worker,
     watch_parent,
 )
-from app.config import get_settings
+from app.config import Settings, get_settings
 from app.log import configure_logging
 
 
@@ -43,8 +43,6 @@ def register(sub: Any, groups: dict[str, Any]) -> None:
 
 def serve_command(args: argparse.Namespace) -> int:
     """Run uvicorn on app.main:create_app; our middleware writes the access log."""
-    import uvicorn
-
     settings = get_settings()
     configure_logging(settings)
     settings.ensure_dirs()
@@ -58,14 +56,22 @@ def serve_command(args: argparse.Namespace) -> int:
             print(f"error: {error.detail}")
             return 2
         print(f"model version {version_id} from {args.model} is active")
+    return run_api(settings, host=args.host or settings.host, port=args.port or settings.port,
+                   worker=getattr(args, "worker", None))
+
+
+def run_api(settings: Settings, *, host: str, port: int, worker: bool | None) -> int:
+    """Serve the API until Ctrl-C / SIGTERM (and, in embedded mode, supervise one local worker); stop both."""
+    import uvicorn
+
     supervisor = None
-    if wants_embedded_worker(settings, getattr(args, "worker", None)):
+    if wants_embedded_worker(settings, worker):
         # Embedded mode: one local worker process on the SQLite broker, restarted if it dies.
         supervisor = WorkerSupervisor(embedded_worker_command(parent_pid=os.getpid()))
         supervisor.start()
     try:
-        uvicorn.run("app.main:create_app", factory=True, host=args.host or settings.host,
-                    port=args.port or settings.port, log_config=None, access_log=False, proxy_headers=True)
+        uvicorn.run("app.main:create_app", factory=True, host=host, port=port, log_config=None, access_log=False,
+                    proxy_headers=True)
     finally:
         if supervisor is not None:
             supervisor.stop()

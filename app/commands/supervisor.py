@@ -79,6 +79,7 @@ class WorkerSupervisor:
         with self._lock:
             process = self.process
         if process is not None and process.poll() is None:
+            logger.info("stopping the local training worker (pid %d): warm shutdown", process.pid)
             process.send_signal(signal.SIGTERM)
             try:
                 process.wait(timeout=timeout_s)

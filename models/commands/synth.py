@@ -50,23 +50,22 @@ def parse_overrides(items: list[str]) -> Any:
     return SynthConfig(**changes)
 
 
-def _progress_printer() -> Any:
+def progress_printer() -> Any:
+    """`progress(done, total)` for generate_synthetic_pills: a bar with the ETA on stderr."""
+    from models.commands.progress import ProgressLine, bar, eta_seconds
+
     start = time.perf_counter()
-    last = [0.0]
-    tty = sys.stderr.isatty()
+    line = ProgressLine()
 
     def progress(done: int, total: int) -> None:
-        now = time.perf_counter()
-        if done != total and now - last[0] < (0.5 if tty else 10.0):
-            return
-        last[0] = now
-        elapsed = now - start
-        eta = elapsed / done * (total - done) if done else 0.0
-        line = f"rendering {done}/{total} images, {elapsed:.0f}s elapsed, ETA {eta:.0f}s"
-        sys.stderr.write(f"\r{line} " if tty else f"{line}\n")
-        if done == total and tty:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
+        elapsed = time.perf_counter() - start
+        eta = eta_seconds(elapsed_s=elapsed, done=done, total=total)
+        text = (f"rendering {bar(done / total if total else 1.0)} {done}/{total} images, "
+                f"{elapsed:.0f}s elapsed, ETA {eta:.0f}s")
+        if done >= total:
+            line.done(text)
+        else:
+            line.update(text, force=done == 1)
 
     return progress
 
@@ -80,7 +79,7 @@ def handle(args: argparse.Namespace) -> int:
         result = generate_synthetic_pills(
             args.out, per_class=args.per_class, image_size=args.image_size, seed=args.seed,
             imbalance=not args.balanced, config=config, workers=max(1, args.workers),
-            progress=_progress_printer(),
+            progress=progress_printer(),
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -283,21 +282,24 @@ def request_from_args(args: argparse.Namespace) -> TrainRequest:
 
 
 def progress_printer(*, every_s: float = 2.0) -> Callable[[ProgressEvent], None]:
-    """A progress callback writing epoch/step, loss, attack success and ETA to stderr at most every few seconds."""
-    last = [-math.inf]
+    """A progress callback: bar, epoch/step, loss, attack success and ETA on stderr (one redrawn line on a
+    terminal; otherwise a line every `every_s` seconds and at the end of each epoch)."""
+    from models.commands.progress import ProgressLine, bar, eta_seconds
+
+    line = ProgressLine(plain_every_s=every_s)
 
     def report(event: ProgressEvent) -> None:
-        end_of_epoch = event.step == event.steps_per_epoch
-        now = time.monotonic()
-        if not end_of_epoch and now - last[0] < every_s:
-            return
-        last[0] = now
         done = event.epoch * event.steps_per_epoch + event.step
         total = event.epochs * event.steps_per_epoch
-        eta = event.elapsed_s / done * (total - done) if done else 0.0
+        eta = eta_seconds(elapsed_s=event.elapsed_s, done=done, total=total)
         asr = "" if event.attack_success_rate is None else f" attack success {event.attack_success_rate:.2f}"
-        print(f"epoch {event.epoch + 1}/{event.epochs} step {event.step}/{event.steps_per_epoch} "
-              f"loss {event.loss:.4f}{asr} elapsed {event.elapsed_s:.0f}s ETA {eta:.0f}s", file=sys.stderr, flush=True)
+        text = (f"{bar(done / total if total else 1.0)} epoch {event.epoch + 1}/{event.epochs} "
+                f"step {event.step}/{event.steps_per_epoch} loss {event.loss:.4f}{asr} "
+                f"elapsed {event.elapsed_s:.0f}s ETA {eta:.0f}s")
+        if done >= total:
+            line.done(text)
+        else:
+            line.update(text, force=event.step == event.steps_per_epoch or done == 1)
 
     return report
 

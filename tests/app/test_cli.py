@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from app.db import create_db_engine
 from app.orm import ApiKey, Product
 from app.services.api_keys import hash_token
 from tests.app.factories import count_rows
+from tests.app.up_process import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -121,17 +121,11 @@ def test_worker_command_starts_celery_with_the_queues(data_dir: Path, monkeypatc
     assert seen["broker"] == f"sqla+sqlite:///{data_dir}/broker.sqlite"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.mark.slow
 def test_serve_answers_healthz_and_docs(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run(["migrate"], capsys)
     run(["catalog", "seed-pmi"], capsys)
-    port = _free_port()
+    port = free_port()
     log = data_dir / "serve.log"
     process = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], cwd=ROOT,
                                env={**os.environ, "RXVERIFY_DATA_DIR": str(data_dir)}, stdout=log.open("wb"),
