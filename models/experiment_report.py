@@ -42,6 +42,20 @@ def _pair_cell(run: MethodRun, true: str, predicted: str) -> tuple[int, float]:
     return 0, 0.0
 
 
+def critical_errors(run: MethodRun, pairs: set[tuple[str, str]]) -> int:
+    """Test errors summed over the given (true, predicted) pairs (the named, costly pairs)."""
+    return sum(int(e["errors"]) for e in run.test["pair_errors"] if (e["true"], e["predicted"]) in pairs)
+
+
+def _critical_set(result: ExperimentResult) -> set[tuple[str, str]] | None:
+    """The named pairs of a cost matrix fixed across seeds, when there are several; else None."""
+    seeds = result.seeds
+    if not seeds or any(s.cost_matrix != seeds[0].cost_matrix for s in seeds):
+        return None
+    named = highlighted_pairs(seeds[0].cost_matrix)
+    return {(t, p) for t, p, _ in named} if named is not None and len(named) > 1 else None
+
+
 def _top_pair_rate(run: MethodRun, cost_matrix: CostMatrix, rank: int) -> float:
     true, predicted, _ = sorted(cost_matrix.entries(), key=lambda e: (-e[2], e[0], e[1]))[rank]
     return _pair_cell(run, true, predicted)[1]
@@ -78,6 +92,14 @@ def table_rows(result: ExperimentResult) -> list[tuple[str, list[str]]]:
             rows.append((f"{true}->{predicted} (c={cost:g}) errors",
                          per_method(lambda r, s, t=true, p=predicted: _pair_cell(r, t, p)[0], 1)))
         named_set = {(t, p) for t, p, _ in named}
+        if len(named) > 1:
+            rows.append(("Critical pairs errors (sum)", per_method(lambda r, s: critical_errors(r, named_set), 1)))
+            if base is not None:
+                base_critical = statistics.fmean(critical_errors(s.runs["baseline"], named_set) for s in seeds)
+                if base_critical > 0:
+                    rows.append(("Critical errors / baseline (means)", [
+                        f"{statistics.fmean(critical_errors(s.runs[m], named_set) for s in seeds) / base_critical:.2f}"
+                        for m in methods]))
         rows.append(("Other pairs errors", per_method(
             lambda r, s: sum(e["errors"] for e in r.test["pair_errors"] if (e["true"], e["predicted"]) not in named_set),
             1)))
@@ -157,6 +179,18 @@ def to_json(result: ExperimentResult) -> dict[str, Any]:
         for method in summary:
             summary[method]["cost_ratio_to_baseline"] = (summary[method]["total_cost"]["mean"]
                                                          / summary["baseline"]["total_cost"]["mean"])
+    critical = _critical_set(result)
+    if critical is not None:
+        # Test errors summed over the named (costly) pairs, per run and as mean/std per method.
+        for method, runs in results.items():
+            for run, seed in zip(runs, seeds, strict=True):
+                run["critical_errors"] = critical_errors(seed.runs[method], critical)
+            summary[method]["critical_errors"] = dict(zip(
+                ("mean", "std"), mean_std([r["critical_errors"] for r in runs]), strict=True))
+        if "baseline" in summary and summary["baseline"]["critical_errors"]["mean"] > 0:
+            for method in summary:
+                summary[method]["critical_errors_ratio_to_baseline"] = (
+                    summary[method]["critical_errors"]["mean"] / summary["baseline"]["critical_errors"]["mean"])
     payload = {
         "dataset": config.dataset,
         "config": dataclasses.asdict(config),
@@ -165,6 +199,7 @@ def to_json(result: ExperimentResult) -> dict[str, Any]:
         "device": result.device,
         "results": results,
         "summary": summary,
+        "critical_pairs": sorted([t, p] for t, p in critical) if critical is not None else None,
         "seeds": [{"seed": s.seed, "cost_source": s.cost_source, "cost_matrix_sha256": s.cost_matrix.fingerprint(),
                    "classes": list(s.cost_matrix.classes), "cost_matrix": s.cost_matrix.matrix.tolist(),
                    "baseline_model": s.baseline_model, "time_s": s.time_s} for s in seeds],

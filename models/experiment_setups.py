@@ -91,6 +91,9 @@ class Recipe:
     eval_batch_size: int = 512
     synth_per_class: int = 0
     synth_config: SynthConfig | None = None
+    # Height in px of the generated photos (None: image_size). Larger than image_size, so that training
+    # crops and evaluation images are both downsampled, as with real photos (see synthetic_pills_dir).
+    synth_image_size: int | None = None
     notes: str = ""
 
     def grid(self, method: str) -> tuple[GridPoint, ...]:
@@ -104,6 +107,7 @@ class Recipe:
                 "grids": {m: [p.to_dict() for p in points] for m, points in self.grids.items()},
                 "synth_per_class": self.synth_per_class,
                 "synth_config": asdict(self.synth_config) if self.synth_config is not None else None,
+                "synth_image_size": self.synth_image_size,
                 "notes": self.notes}
 
 
@@ -218,7 +222,10 @@ def recipe_for(dataset: str, *, single_pair: bool = False) -> Recipe:
 def synthetic_pills_dir(cache_dir: Path, recipe: Recipe) -> Path:
     """Generate (once) the recipe's synthetic dataset under `cache_dir`, keyed by its parameters."""
     config = recipe.synth_config or SynthConfig()
-    size = recipe.image_size or 48
+    # Photos rendered at exactly the input size would make TrainPreset's RandomResizedCrop upsample
+    # (blur) every training crop while evaluation sees the sharp photo: a train/test resolution gap
+    # that BatchNorm statistics do not survive. Rendering larger downsamples both, like real photos.
+    size = recipe.synth_image_size or recipe.image_size or 48
     key = json.dumps({"per_class": recipe.synth_per_class, "image_size": size, "config": asdict(config)},
                      sort_keys=True)
     out = cache_dir / f"synthetic-pills-{hashlib.sha256(key.encode()).hexdigest()[:12]}"

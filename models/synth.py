@@ -89,12 +89,15 @@ class SynthConfig:
     imprint_contrast: tuple[float, float] = (0.2, 0.45)
     imprint_height: float = 0.3
     imprint_blur: float = 0.02
+    imprint_visible: float = 1.0
     blur: tuple[float, float] = (0.2, 0.9)
     noise: tuple[float, float] = (0.01, 0.035)
     lighting: float = 0.35
     colour_cast: float = 0.025
     tint: float = 0.015
     jpeg_quality: tuple[int, int] = (75, 92)
+    counter: tuple[float, float] = (40.0, 225.0)
+    plain_floor_share: float = 0.3
     min_per_split: int = 2
 
 
@@ -240,10 +243,10 @@ def render_bottle(
     dist = np.sqrt((xs - f32(cx)) ** 2 + (ys - f32(cy)) ** 2)[:, :, None]
 
     # Counter (outside the vial), floor and wall, with texture; all float32 (H, W, 3).
-    counter = rng.uniform(40, 225, size=3).astype(f32)
+    counter = rng.uniform(*cfg.counter, size=3).astype(f32)
     texture = _smooth_noise(rng, height=height, width=width, cells=6)[:, :, None]
     base = counter * (f32(1) + f32(0.12) * texture)
-    floors = _AMBER_FLOORS if rng.random() < 0.7 else _PLAIN_FLOORS
+    floors = _AMBER_FLOORS if rng.random() < 1 - cfg.plain_floor_share else _PLAIN_FLOORS
     floor = (np.asarray(floors[rng.integers(len(floors))]) * rng.uniform(0.85, 1.1, size=3)).astype(f32)
     rel = np.minimum(dist / f32(r_in), f32(1))
     floor_img = floor * (f32(1) - f32(0.3) * rel * rel)
@@ -264,6 +267,8 @@ def render_bottle(
         _pill_sprite(text=t, long_px=long_px, aspect=aspect, colour=colour, contrast=contrast, cfg=cfg, light=light)
         for t in _imprint_sides(product.imprint)
     ]
+    blank = sides[1] if not _imprint_sides(product.imprint)[1] else _pill_sprite(
+        text="", long_px=long_px, aspect=aspect, colour=colour, contrast=contrast, cfg=cfg, light=light)
     pill_area = math.pi / 4 * long_px * long_px * aspect
     n_pills = round(rng.uniform(*cfg.pill_coverage) * math.pi * r_in * r_in / pill_area)
     n_pills = int(np.clip(n_pills, cfg.min_pills, cfg.max_pills))
@@ -271,6 +276,8 @@ def render_bottle(
     shadow_dx, shadow_dy = round(-light[0] * 0.08 * long_px), round(-light[1] * 0.08 * long_px)
     for _ in range(n_pills):
         face = sides[int(rng.integers(len(sides)))]
+        if cfg.imprint_visible < 1 and rng.random() >= cfg.imprint_visible:
+            face = blank
         size = max(0.5, 1 + rng.normal(0, cfg.size_jitter))
         squash = 1 - rng.uniform(0, cfg.tilt)
         sprite = face.resize((max(1, round(face.width * size)), max(1, round(face.height * size * squash))),
