@@ -117,3 +117,30 @@ def test_cli_arguments() -> None:
     with pytest.raises(SystemExit):
         parser.parse_args(["experiment", "digits", "--methods", "nope"])
     assert TrainConfig  # the recipes build on the engine's TrainConfig
+
+
+def test_critical_errors_row_sums_the_named_pairs(tmp_path: object) -> None:
+    from pathlib import Path
+
+    assert isinstance(tmp_path, Path)
+    csv = tmp_path / "costs.csv"
+    csv.write_text("true,predicted,cost\ngreen,blue,10\nred,blue,8\n")
+    config = ExperimentConfig(dataset="toy", seeds=2, device="cpu", methods=("baseline", "csada"), cost_matrix=csv)
+    recipe = dataclasses.replace(_tiny("toy", epochs=20), grids={
+        "csada": (GridPoint(options={"lam": 10.0, "eps": 1.5, "steps": 5, "step_size": 0.3, "sign": True,
+                                     "tau": 1.0}, train={"lr": 1e-3}),)})
+    result = run_experiment(config, recipe=recipe)
+    payload = json.loads(json.dumps(to_json(result)))
+    assert sorted(payload["critical_pairs"]) == [["green", "blue"], ["red", "blue"]]
+    named = {("green", "blue"), ("red", "blue")}
+    for method, runs in payload["results"].items():
+        expected = [sum(p["errors"] for p in run["pair_errors"] if (p["true"], p["predicted"]) in named)
+                    for run in runs]
+        assert [run["critical_errors"] for run in runs] == expected
+        assert payload["summary"][method]["critical_errors"]["mean"] == pytest.approx(sum(expected) / 2)
+    base = payload["summary"]["baseline"]["critical_errors"]["mean"]
+    text = format_report(result)
+    (row,) = [line for line in text.splitlines() if line.startswith("Critical pairs errors (sum)")]
+    assert row.split()[4] == f"{base:.1f}({payload['summary']['baseline']['critical_errors']['std']:.1f})"
+    if base > 0:
+        assert "Critical errors / baseline (means)" in text
