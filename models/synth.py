@@ -69,12 +69,17 @@ class SynthConfig:
     - imprint_contrast: how much a debossed imprint stroke darkens the pill (fraction of brightness).
     - imprint_height: imprint text height as a fraction of the pill's short axis.
     - imprint_blur: Gaussian radius of the imprint strokes, as a fraction of the pill's long axis.
+    - imprint_visible: probability that a pill shows its imprinted face (the rest show a blank face).
+    - imprint_fade_mm: when positive, tablets smaller than this many mm get shallower imprints: the
+      contrast is scaled by (size / imprint_fade_mm)^2 (0: every size at full contrast).
     - blur: Gaussian blur radius of the whole photo in px.
     - noise: Gaussian pixel noise std on the 0-1 scale.
     - lighting: strength of the linear lighting gradient and vignette.
     - colour_cast: per-channel white-balance jitter (std, relative).
     - tint: per-image pill colour variation (std, relative, per channel).
     - jpeg_quality: JPEG quality range.
+    - counter: range of each RGB channel of the counter around the vial.
+    - plain_floor_share: probability of a white or black vial floor instead of an amber one.
     - min_per_split: fewest images of a class in any split.
     """
 
@@ -90,6 +95,7 @@ class SynthConfig:
     imprint_height: float = 0.3
     imprint_blur: float = 0.02
     imprint_visible: float = 1.0
+    imprint_fade_mm: float = 0.0
     blur: tuple[float, float] = (0.2, 0.9)
     noise: tuple[float, float] = (0.01, 0.035)
     lighting: float = 0.35
@@ -263,6 +269,8 @@ def render_bottle(
     long_px = product.size_mm * px_per_mm
     colour = (np.asarray(PILL_COLOURS[colour_name]) * (1 + rng.normal(0, cfg.tint, 3))).astype(f32)
     contrast = rng.uniform(*cfg.imprint_contrast)
+    if cfg.imprint_fade_mm > 0:
+        contrast *= min(1.0, product.size_mm / cfg.imprint_fade_mm) ** 2
     sides = [
         _pill_sprite(text=t, long_px=long_px, aspect=aspect, colour=colour, contrast=contrast, cfg=cfg, light=light)
         for t in _imprint_sides(product.imprint)

@@ -133,3 +133,17 @@ def test_cli_writes_dataset_and_prints_summary(tmp_path: Path, capsys: pytest.Ca
     unknown = parser.parse_args(["synth", "--out", str(tmp_path / "x"), "--set", "sharpness=2"])
     assert unknown.func(unknown) == 2
     assert "KNOB=VALUE" in capsys.readouterr().err
+
+
+def test_imprint_fade_makes_small_tablets_imprints_shallower() -> None:
+    small = pmi_product("00378-0208")  # 6 mm
+    base = SynthConfig(blur=(0.0, 0.0), noise=(0.0, 0.0))
+
+    def render(**knobs: object) -> np.ndarray:
+        config = dataclasses.replace(base, **knobs)  # type: ignore[arg-type]
+        return np.asarray(render_bottle(small, rng=np.random.default_rng(5), image_size=128, config=config), dtype=float)
+
+    blank = render(imprint_contrast=(0.0, 0.0))
+    full, faded = render(), render(imprint_fade_mm=60.0)  # contrast x (6/60)^2 = 0.01
+    assert np.abs(full - blank).mean() > 5 * np.abs(faded - blank).mean()
+    assert np.array_equal(render(imprint_fade_mm=6.0), full)  # at or above the fade size: unchanged
