@@ -169,7 +169,10 @@ def _pair_reasons(probs: np.ndarray, costs: np.ndarray, policy: VerdictPolicy) -
     runner_up = probs[rows, order[:, 1]] if k > 1 else np.full(n, -1.0)
     is_top = np.zeros((n, k), dtype=bool)
     is_top[rows, best] = probs[rows, best] > runner_up  # a tie has no top class
-    risk = probs @ costs  # risk[i, r] = sum_y p_i(y) c(y, r); the diagonal of c is 0
+    # risk[i, r] = sum_y p_i(y) c(y, r) (the diagonal of c is 0). Not `probs @ costs`: BLAS picks its
+    # summation order by batch shape and thread count, so a photo's expected cost (and a verdict at the
+    # threshold) could differ in its last bit between a batch and a single request; einsum's loop is fixed.
+    risk = np.einsum("ny,yr->nr", probs, costs)
     in_set = (1.0 - probs) <= np.asarray(policy.qhat)[None, :]
     critical = (costs >= policy.critical_cost).astype(np.float64)
     ambiguous = (in_set.astype(np.float64) @ critical) > 0  # some y != r in the set with c(y, r) critical

@@ -130,6 +130,23 @@ def test_batch_matches_single_decisions() -> None:
     assert {d.reason for d in batch} <= set(REASONS)
 
 
+def test_expected_cost_is_bit_identical_in_any_batch() -> None:
+    """A verdict must not depend on which other requests shared its batch (BLAS sums by shape/threads)."""
+    k = 20
+    classes = tuple(f"P{i}" for i in range(k))
+    rng = np.random.default_rng(1)
+    probs = rng.dirichlet(np.ones(k), size=257)
+    matrix = CostMatrix.pareto(classes, seed=3)
+    policy = VerdictPolicy(classes, accept_risk=0.5, mismatch_probability=0.05, qhat=(0.5,) * k, alpha=(0.1,) * k,
+                           critical_cost=5.0)
+    prescribed = rng.integers(0, k, size=len(probs))
+    batch = decide_batch(probs, prescribed_indices=prescribed, cost_matrix=matrix, policy=policy, classes=classes)
+    for i in range(0, len(probs), 16):
+        single = decide(probs[i], prescribed_index=int(prescribed[i]), cost_matrix=matrix, policy=policy,
+                        classes=classes)
+        assert single.expected_accept_cost == batch[i].expected_accept_cost  # exact, not approx
+
+
 def test_inputs_are_checked() -> None:
     with pytest.raises(ValueError, match="class order"):
         decide([0.9, 0.05, 0.05], prescribed_index=0, cost_matrix=CostMatrix.uniform(("B", "A", "C")),
