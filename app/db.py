@@ -59,7 +59,9 @@ def _install_sqlite_pragmas(engine: Engine, *, busy_timeout_ms: int, foreign_key
             # Migrations turn them off: batch mode rebuilds tables, and env.py checks integrity afterwards.
             cursor.execute(f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}")
             cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=NORMAL")
+            # FULL: a commit (an audit row whose verdict was already answered) survives a power loss too;
+            # WAL with NORMAL may drop the last commits then. The fsync per commit is a small price here.
+            cursor.execute("PRAGMA synchronous=FULL")
             cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         finally:
             cursor.close()

@@ -81,5 +81,6 @@ def test_sqlite_connections_enforce_foreign_keys_and_use_wal(sqlite_settings: Se
         with engine.connect() as connection:
             assert connection.execute(text("PRAGMA foreign_keys")).scalar() == 1
             assert connection.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+            assert connection.execute(text("PRAGMA synchronous")).scalar() == 2  # FULL: commits survive power loss
     finally:
         engine.dispose()
