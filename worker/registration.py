@@ -106,9 +106,14 @@ def register_and_finish(*, database: Database, settings: Settings, spec: JobSpec
                                               cost_matrix=costs, settings=settings, seed=spec.seed)
     parent = evaluation.evaluate_checkpoint(spec.base_path, data_root=data_root, cost_matrix=costs,
                                             device=settings.device)
+    reports = {split: result.report for split, result in candidate.items()}
+    # The gate's evaluation of the active model (if another one was promoted meanwhile) runs here, before
+    # the registration transaction, so that it never holds the database's write lock (see auto_promote).
+    ahead = (promotion.evaluate_active_ahead(database, settings, parent_id=spec.base_model_id,
+                                             dataset_id=spec.dataset_id, classes=reports["valid"]["classes"])
+             if spec.auto_promote else None)
     hooks.progress.update(phase="registering")
     hooks.write()
-    reports = {split: result.report for split, result in candidate.items()}
     parent_reports = {split: result.report for split, result in parent.items()}
     metrics = {**reports, "parent": {"model_version_id": spec.base_model_id, **parent_reports},
                "comparison": evaluation.comparison(candidate=reports, parent=parent_reports, cost_matrix=costs),
@@ -135,7 +140,7 @@ def register_and_finish(*, database: Database, settings: Settings, spec: JobSpec
             "attempt_wall_s": round(time.monotonic() - started, 3)}
         if spec.auto_promote:
             result["promotion"] = promotion.auto_promote(session, settings, candidate=version, actor=actor,
-                                                         job_id=spec.job_id)
+                                                         job_id=spec.job_id, ahead=ahead)
             promoted = version.id if result["promotion"].get("promoted") else None
         else:
             result["promotion"] = {"attempted": False}

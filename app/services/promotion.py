@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.config import Settings
+from app.db import Database
 from app.errors import Conflict, FieldError, InvalidInput, NotFound
 from app.orm import ACTIVE_STATE_ID, ActiveState, Dataset, ModelPromotion, ModelVersion
 from app.services import evaluation
@@ -98,25 +100,71 @@ def _dataset_of(session: Session, candidate: ModelVersion) -> Dataset | None:
     return session.get(Dataset, dataset_id) if dataset_id is not None else None
 
 
+@dataclass(frozen=True)
+class AheadReport:
+    """The active model's validation report, computed before the write transaction (`evaluate_active_ahead`)."""
+
+    model_version_id: int
+    dataset_id: int
+    cost_matrix_version_id: int
+    report: dict[str, Any]
+
+
+def _own_report(active: ModelVersion, dataset: Dataset) -> dict[str, Any] | None:
+    """The active model's stored validation report when it was evaluated on this very dataset."""
+    own = (active.metrics or {}).get("evaluation", {})
+    if (own.get("dataset_id") == dataset.id and own.get("dataset_fingerprint") == dataset.fingerprint
+            and _candidate_report(active) is not None):
+        return dict((active.metrics or {})["valid"])
+    return None
+
+
 def active_validation_report(session: Session, settings: Settings, *, candidate: ModelVersion,
-                             active: ModelVersion, dataset: Dataset, cost_matrix: CostMatrix) -> dict[str, Any]:
-    """The active model's validation report on the candidate's dataset: stored if possible, else computed."""
+                             active: ModelVersion, dataset: Dataset, cost_matrix: CostMatrix,
+                             cost_matrix_version_id: int, ahead: AheadReport | None = None) -> dict[str, Any]:
+    """The active model's validation report on the candidate's dataset: stored, computed ahead, else computed."""
     stored = (candidate.metrics or {}).get("parent", {})
     if active.id == candidate.parent_id and isinstance(stored.get("valid"), dict):
         return dict(stored["valid"])
-    own = active.metrics or {}
-    if (own.get("evaluation", {}).get("dataset_id") == dataset.id
-            and own.get("evaluation", {}).get("dataset_fingerprint") == dataset.fingerprint
-            and _candidate_report(active) is not None):
-        return dict(own["valid"])
+    own = _own_report(active, dataset)
+    if own is not None:
+        return own
+    if ahead is not None and (ahead.model_version_id, ahead.dataset_id, ahead.cost_matrix_version_id) == (
+            active.id, dataset.id, cost_matrix_version_id):
+        return dict(ahead.report)
     logger.info("evaluating active model %s on dataset %s for the gate", active.id, dataset.name)
     results = evaluation.evaluate_checkpoint(checkpoint_path(settings, active), data_root=Path(dataset.path),
                                              cost_matrix=cost_matrix, device=settings.device, splits=("valid",))
     return results["valid"].report
 
 
+def evaluate_active_ahead(database: Database, settings: Settings, *, parent_id: int | None, dataset_id: int,
+                          classes: Sequence[str]) -> AheadReport | None:
+    """Evaluate the active model for a coming `auto_promote`, outside any write transaction.
+
+    The gate's one slow step is evaluating the active model on the candidate's validation split, needed
+    only when the active model is neither the candidate's parent (whose report the candidate carries) nor
+    already evaluated on that dataset, i.e. when another model was promoted while the job trained. Inside
+    the worker's registration transaction it would hold SQLite's write lock for the whole evaluation and
+    make every verification's audit insert wait, then fail after `db_busy_timeout_ms`. None when not needed;
+    the report is used only if the active model and cost matrix are still the same when the gate runs.
+    """
+    with database.session() as session:
+        active, cm_version = active_model_version(session), active_version_id(session)
+        dataset = session.get(Dataset, dataset_id)
+        if (active is None or cm_version is None or dataset is None or active.id == parent_id
+                or sorted(active.classes) != sorted(classes) or _own_report(active, dataset) is not None):
+            return None
+        cost_matrix = cost_matrix_of(session, cm_version, classes=list(classes))
+        path, data_root, active_id = checkpoint_path(settings, active), Path(dataset.path), active.id
+    logger.info("evaluating active model %s on dataset %s ahead of the promotion gate", active_id, data_root)
+    results = evaluation.evaluate_checkpoint(path, data_root=data_root, cost_matrix=cost_matrix,
+                                             device=settings.device, splits=("valid",))
+    return AheadReport(active_id, dataset_id, cm_version, results["valid"].report)
+
+
 def evaluate_gate(session: Session, settings: Settings, *, candidate: ModelVersion,
-                  active: ModelVersion | None) -> GateResult:
+                  active: ModelVersion | None, ahead: AheadReport | None = None) -> GateResult:
     """The gate for `candidate` against `active` (passes trivially when nothing is active)."""
     cm_version = active_version_id(session)
     context: dict[str, Any] = {"active_model": active.id if active else None, "candidate_model": candidate.id,
@@ -138,7 +186,8 @@ def evaluate_gate(session: Session, settings: Settings, *, candidate: ModelVersi
         return refused("cost_matrix", "no cost-matrix version is active")
     cost_matrix = cost_matrix_of(session, cm_version, classes=report["classes"])
     active_report = active_validation_report(session, settings, candidate=candidate, active=active,
-                                             dataset=dataset, cost_matrix=cost_matrix)
+                                             dataset=dataset, cost_matrix=cost_matrix,
+                                             cost_matrix_version_id=cm_version, ahead=ahead)
     result = gate_checks(candidate=report, active=active_report, cost_matrix=cost_matrix,
                          critical_cost=settings.critical_cost_threshold,
                          max_accuracy_drop_points=settings.promotion_max_accuracy_drop)
@@ -198,13 +247,16 @@ def promote(session: Session, settings: Settings, *, model_version_id: int, acto
 
 
 def auto_promote(session: Session, settings: Settings, *, candidate: ModelVersion, actor: Actor,
-                 job_id: int) -> dict[str, Any]:
-    """The worker's promotion: applied when the gate passes, else recorded as refused. Returns the outcome."""
+                 job_id: int, ahead: AheadReport | None = None) -> dict[str, Any]:
+    """The worker's promotion: applied when the gate passes, else recorded as refused. Returns the outcome.
+
+    `ahead`: the active model's report from `evaluate_active_ahead`, so that no evaluation runs here.
+    """
     _lock_active(session)
     active = active_model_version(session)
     if active is not None and active.id == candidate.id:
         return {"attempted": True, "promoted": False, "detail": "the candidate is already active"}
-    gate = evaluate_gate(session, settings, candidate=candidate, active=active)
+    gate = evaluate_gate(session, settings, candidate=candidate, active=active, ahead=ahead)
     previous = active.id if active else None
     if gate.passed:
         _apply(session, version=candidate, previous=previous, action="auto_promote", actor=actor,

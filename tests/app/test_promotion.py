@@ -235,3 +235,44 @@ def test_gate_evaluates_the_active_model_when_no_stored_evaluation_fits(registry
     gate = response.json()["promotion"]["gate"]
     cost = next(c for c in gate["checks"] if c["name"] == "total_cost")
     assert cost["candidate"] == 0.0 and gate["n"] == 12 and gate["dataset"] == "tiny"
+
+
+def test_auto_promote_uses_the_report_evaluated_ahead_of_its_transaction(
+        registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker evaluates the active model before its write transaction; the gate then evaluates nothing."""
+    from app.services import promotion
+    from app.services.audit import Actor
+
+    orphan = registry.candidate(report({}, per_class=3), parent_report=None, parent=None, tag="ahead")
+    database = Database(registry.settings)
+    try:
+        with database.session() as session:
+            dataset_id = session.scalars(select(Dataset.id)).one()
+        # Not needed when the active model is the candidate's parent (the candidate carries its report).
+        assert promotion.evaluate_active_ahead(database, registry.settings, parent_id=registry.seeded.base_model,
+                                               dataset_id=dataset_id, classes=K) is None
+        ahead = promotion.evaluate_active_ahead(database, registry.settings, parent_id=None, dataset_id=dataset_id,
+                                                classes=K)
+        assert ahead is not None and ahead.model_version_id == registry.seeded.base_model
+        assert sum(map(sum, ahead.report["confusion"])) == 12
+
+        def no_evaluation(*_args: object, **_kwargs: object) -> None:
+            raise AssertionError("the gate evaluated a model inside the write transaction")
+
+        monkeypatch.setattr(evaluation, "evaluate_checkpoint", no_evaluation)
+        stale = promotion.AheadReport(ahead.model_version_id + 1000, ahead.dataset_id, ahead.cost_matrix_version_id,
+                                      ahead.report)
+        with pytest.raises(AssertionError, match="inside the write transaction"), database.session() as session:
+            candidate = session.get(ModelVersion, orphan)
+            assert candidate is not None
+            promotion.auto_promote(session, registry.settings, candidate=candidate, actor=Actor.cli("tests"),
+                                   job_id=1, ahead=stale)  # another model's report is not used
+        with database.session() as session:
+            candidate = session.get(ModelVersion, orphan)
+            assert candidate is not None
+            outcome = promotion.auto_promote(session, registry.settings, candidate=candidate,
+                                             actor=Actor.cli("tests"), job_id=1, ahead=ahead)
+        assert outcome["promoted"] is True and outcome["gate"]["n"] == 12
+    finally:
+        database.dispose()
+    assert registry.active() == orphan
