@@ -21,6 +21,7 @@ from app.api.deps import ClientActor, PharmacistActor, SessionDep, SettingsDep
 from app.api.verification_form import read_verification_form
 from app.errors import DomainError
 from app.inference.engine import ModelUnavailable
+from app.inference.images import ImageLimits
 from app.inference.served import ServedModel
 from app.orm import Resolution, Verification
 from app.schemas.common import problem_responses
@@ -137,7 +138,7 @@ async def _verify(request: Request, *, actor_key_id: int | None, session: Sessio
         # that order: request problems (NDC, Idempotency-Key), the model, then the image.
         jobs: list[Awaitable[Any]] = [run_in_threadpool(prepare)]
         if served is not None:
-            jobs.append(run_in_threadpool(service.preprocess_upload, served, form.image, limits=limits))
+            jobs.append(_decode(request, served, form.image, limits=limits))
         results = await asyncio.gather(*jobs, return_exceptions=True)
         prepared = _result(results[0], service.Prepared)
         # `prepare` only reads: end its transaction so the pooled connection is not held through the
@@ -159,6 +160,12 @@ async def _verify(request: Request, *, actor_key_id: int | None, session: Sessio
     assert outcome.decision is not None
     VERDICTS.labels(verdict=outcome.decision.verdict, model_version=prediction.model_version).inc()
     return JSONResponse(outcome.body), "verdict"
+
+
+async def _decode(request: Request, served: ServedModel, image: bytes, *, limits: ImageLimits) -> Any:
+    """Decode + preprocess in the thread pool, at most `max_concurrent_decodes` at once (the rest wait)."""
+    async with serving.decode_slots_of(request.app):
+        return await run_in_threadpool(service.preprocess_upload, served, image, limits=limits)
 
 
 def _result(value: object, kind: type[T]) -> T:

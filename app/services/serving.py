@@ -53,6 +53,14 @@ def limits_of(app: FastAPI) -> ImageLimits:
     return limits if limits is not None else ImageLimits.from_settings(app.state.settings)
 
 
+def decode_slots_of(app: FastAPI) -> asyncio.Semaphore:
+    """The app's bound on concurrent upload decodes (settings.max_concurrent_decodes): memory stays bounded."""
+    slots: asyncio.Semaphore | None = getattr(app.state, "decode_slots", None)
+    if slots is None:
+        slots = app.state.decode_slots = asyncio.Semaphore(app.state.settings.max_concurrent_decodes)
+    return slots
+
+
 def active_model_ref(database: Database) -> ModelRef | None:
     """The active version's checkpoint and engine label, read from the database (blocking)."""
     with database.session() as session:
@@ -85,6 +93,7 @@ async def serving_lifespan(app: FastAPI, *, settings: Settings, database: Databa
     await engine.start()
     app.state.engine = engine
     app.state.image_limits = ImageLimits.from_settings(settings)
+    app.state.decode_slots = asyncio.Semaphore(settings.max_concurrent_decodes)
     app.state.model_ready = lambda: engine.ready
     try:
         await load_active_model(engine, database)

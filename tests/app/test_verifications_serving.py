@@ -77,6 +77,41 @@ def test_a_full_queue_answers_503_with_retry_after(seeded_sqlite_template: Any, 
     assert client.get("/readyz").status_code == 200
 
 
+def test_uploads_are_decoded_at_most_max_concurrent_decodes_at_once(
+        seeded_sqlite_template: Any, tmp_path: Path, make_client: Any, checkpoint_root: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decode memory is bounded: with a limit of 2, four simultaneous uploads never decode more than 2 at once."""
+    from app.services import verifications as service
+
+    template, keys = seeded_sqlite_template
+    settings = served_settings(template, tmp_path / "data", checkpoint=cached_checkpoint(checkpoint_root),
+                               max_concurrent_decodes=2)
+    client = make_client(settings)
+    real, lock, state = service.preprocess_upload, threading.Lock(), {"now": 0, "peak": 0}
+
+    def slow_preprocess(*args: Any, **kwargs: Any) -> Any:
+        with lock:
+            state["now"] += 1
+            state["peak"] = max(state["peak"], state["now"])
+        try:
+            time.sleep(0.3)
+            return real(*args, **kwargs)
+        finally:
+            with lock:
+                state["now"] -= 1
+
+    monkeypatch.setattr(service, "preprocess_upload", slow_preprocess)
+    answers: list[Any] = []
+    workers = [threading.Thread(target=lambda: answers.append(
+        post_verification(client, keys[Role.CLIENT], image=jpeg_photo()))) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(30)
+    assert [a.status_code for a in answers] == [200] * 4
+    assert state["peak"] == 2
+
+
 def _register(settings: Settings, source: Path) -> ModelVersion:
     database = Database(settings)
     try:
