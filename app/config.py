@@ -55,6 +55,7 @@ class Settings(BaseSettings):
     max_batch_wait_ms: float = Field(default=5.0, ge=0)
     inference_queue_size: int = Field(default=256, ge=1, description="Bounded queue; full = 503 Retry-After.")
     torch_threads: int | None = Field(default=None, ge=1, description="CPU threads for torch; unset = torch default.")
+    inference_workers: int = Field(default=1, ge=1, description="Batches computed at once, each on its own torch thread: 1 for a GPU; on a CPU host with spare cores, more (with torch_threads x inference_workers <= cores).")
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
     model_poll_seconds: float = Field(default=2.0, gt=0, description="Fallback poll for the active model version "
                                       "(the only signal in embedded mode: promotion to serving within 5 s).")

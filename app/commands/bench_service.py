@@ -44,6 +44,7 @@ class BenchConfig:
     decode_workers: int
     work_dir: Path | None
     rounds: int = 3
+    inference_workers: int = 1
 
 
 def register(sub: Any, groups: dict[str, Any]) -> None:
@@ -64,6 +65,8 @@ def register(sub: Any, groups: dict[str, Any]) -> None:
     parser.add_argument("--stage-repeats", dest="single_reps", type=int, default=2,
                         help="repeats of app.inference.bench.measure_pipeline per round (x3 for single images)")
     parser.add_argument("--decode-workers", type=int, default=1, help="decode threads of the raw pipeline")
+    parser.add_argument("--inference-workers", type=int, default=1,
+                        help="the service's RXVERIFY_INFERENCE_WORKERS (batches computed at once)")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep photos, data and logs here")
     parser.set_defaults(func=handle)
 
@@ -75,7 +78,7 @@ def handle(args: argparse.Namespace) -> int:
                          torch_threads=args.torch_threads, max_batch_size=args.max_batch_size,
                          batch_wait_ms=args.batch_wait_ms, photos=args.photos, single_reps=args.single_reps,
                          decode_workers=args.decode_workers, work_dir=args.work_dir,
-                         rounds=args.rounds)
+                         rounds=args.rounds, inference_workers=args.inference_workers)
     result = run_bench(config)
     text = json.dumps(result, indent=2)
     if config.json_out is not None:
@@ -212,6 +215,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     env = {"RXVERIFY_DATA_DIR": str(work / "data"), "RXVERIFY_DEVICE": config.device,
            "RXVERIFY_TORCH_THREADS": threads, "RXVERIFY_MAX_BATCH_SIZE": str(config.max_batch_size),
            "RXVERIFY_MAX_BATCH_WAIT_MS": str(config.batch_wait_ms), "RXVERIFY_LOG_FORMAT": "json",
+           "RXVERIFY_INFERENCE_WORKERS": str(config.inference_workers),
            # One pooled connection per concurrent request: overflow connections are opened and closed per use.
            "RXVERIFY_DB_POOL_SIZE": str(max(config.concurrency) + 4)}
     naive_env = {"RXVERIFY_BENCH_CHECKPOINT": str(checkpoint), "RXVERIFY_DEVICE": config.device,
@@ -268,7 +272,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
                   "note": ("untrained weights (random init) with a policy fitted on simulated outputs: the timings "
                            "are real, the verdicts mean nothing") if untrained else "as given"},
         "engine": {"max_batch_size": config.max_batch_size, "max_batch_wait_ms": config.batch_wait_ms,
-                   "adaptive_wait": True, "uvicorn_workers": 1, "db_pool_size": max(config.concurrency) + 4, "jpeg_draft": True, "database": "sqlite (embedded), one row per verdict",
+                   "adaptive_wait": True, "inference_workers": config.inference_workers, "uvicorn_workers": 1, "db_pool_size": max(config.concurrency) + 4, "jpeg_draft": True, "database": "sqlite (embedded), one row per verdict",
                    "embedded_training_worker": False},
         "photos": {"count": len(photos), "size": list(support.PHOTO_SIZE),
                    "mean_bytes": round(sum(map(len, photos)) / len(photos))},

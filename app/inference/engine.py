@@ -3,7 +3,8 @@
 Request path (`predict_image`): the caller grabs the current `ServedModel` bundle, decodes and
 preprocesses the upload with that bundle's `EvalPreset` in a worker thread (never on the event loop),
 then `submit`s the tensor. One asyncio task collects up to `max_batch_size` requests, waiting at most
-`max_wait_ms` after the first, and runs the forward pass on one dedicated torch thread. With
+`max_wait_ms` after the first, and runs the forward pass on a dedicated torch thread (`inference_workers`
+of them compute batches side by side; one by default). With
 `adaptive_wait` (the default) it only waits while some request inside `using_current` has not submitted
 yet (it is still being preprocessed and can join); a lone request at low load runs at once instead of
 paying `max_wait_ms` for nothing. Routes that preprocess themselves should do it inside `using_current`.
@@ -89,17 +90,20 @@ class EngineConfig:
     warmup_batch_sizes: tuple[int, ...] = ()  # empty: 1 and max_batch_size
     drain_timeout_s: float = 30.0
     adaptive_wait: bool = True  # wait for partners only while some request is still being preprocessed
+    inference_workers: int = 1  # batches computed at once, each on its own torch thread
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.queue_size < 1 or self.max_wait_ms < 0:
             raise ValueError("max_batch_size and queue_size must be >= 1 and max_wait_ms >= 0")
+        if self.inference_workers < 1:
+            raise ValueError("inference_workers must be >= 1")
 
     @classmethod
     def from_settings(cls, settings: Any) -> EngineConfig:
         """Read the engine settings from an `app.config.Settings`-like object."""
         return cls(max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_batch_wait_ms,
                    queue_size=settings.inference_queue_size, device=settings.device,
-                   torch_threads=settings.torch_threads)
+                   torch_threads=settings.torch_threads, inference_workers=settings.inference_workers)
 
     @property
     def warmup_sizes(self) -> tuple[int, ...]:
@@ -134,6 +138,8 @@ class InferenceEngine:
         self._queue: asyncio.Queue[_Pending] | None = None
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._slots: asyncio.Semaphore | None = None  # free torch threads (config.inference_workers)
+        self._running: set[asyncio.Task[None]] = set()  # batches being computed
         self._swap_lock: asyncio.Lock | None = None
         self._stopping = False
         self._leases = 0  # requests inside using_current (preprocessing, queued or computing)
@@ -166,7 +172,9 @@ class InferenceEngine:
             return
         set_cpu_threads(self.config.torch_threads)
         self._stopping = False
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rxverify-torch")
+        self._executor = ThreadPoolExecutor(max_workers=self.config.inference_workers,
+                                            thread_name_prefix="rxverify-torch")
+        self._slots = asyncio.Semaphore(self.config.inference_workers)
         self._queue = asyncio.Queue(maxsize=self.config.queue_size)
         self._swap_lock = asyncio.Lock()
         self._task = asyncio.create_task(self._batch_loop(), name="rxverify-batcher")
@@ -230,37 +238,53 @@ class InferenceEngine:
 
     # --- batching ---------------------------------------------------------------------------------
     async def _batch_loop(self) -> None:
-        assert self._queue is not None
-        queue, loop = self._queue, asyncio.get_running_loop()
+        # A batch is collected only once a torch thread is free for it (with one thread: after the previous
+        # batch has finished, so requests arriving meanwhile join the next batch), then computed in a task.
+        assert self._queue is not None and self._slots is not None
+        queue, slots, loop = self._queue, self._slots, asyncio.get_running_loop()
         max_wait = self.config.max_wait_ms / 1000.0
         batch: list[_Pending] = []
         try:
             while True:
-                batch = [await queue.get()]
-                deadline = loop.time() + max_wait
-                while len(batch) < self.config.max_batch_size:
-                    try:
-                        batch.append(queue.get_nowait())
-                        continue
-                    except asyncio.QueueEmpty:
-                        pass
-                    remaining = deadline - loop.time()
-                    if remaining <= 0 or (self.config.adaptive_wait and self._preparing == 0):
-                        break
-                    try:
-                        batch.append(await asyncio.wait_for(queue.get(), remaining))
-                    except TimeoutError:
-                        break
-                self.metrics.queue_depth.set(queue.qsize())
+                await slots.acquire()
                 try:
-                    await self._run_batch(batch)
-                except Exception:  # the loop must survive anything one batch does
-                    logger.exception("inference batch failed")
-                    _fail(batch, lambda: InferenceFailed("the model failed to run on this batch"))
+                    batch = [await queue.get()]
+                    deadline = loop.time() + max_wait
+                    while len(batch) < self.config.max_batch_size:
+                        try:
+                            batch.append(queue.get_nowait())
+                            continue
+                        except asyncio.QueueEmpty:
+                            pass
+                        remaining = deadline - loop.time()
+                        if remaining <= 0 or (self.config.adaptive_wait and self._preparing == 0):
+                            break
+                        try:
+                            batch.append(await asyncio.wait_for(queue.get(), remaining))
+                        except TimeoutError:
+                            break
+                except BaseException:
+                    slots.release()
+                    raise
+                self.metrics.queue_depth.set(queue.qsize())
+                task = asyncio.create_task(self._compute(batch), name="rxverify-batch")
+                self._running.add(task)
+                task.add_done_callback(self._running.discard)
                 batch = []  # drop the references, so a retired model can be freed while the queue is idle
         except asyncio.CancelledError:
             _fail(batch, lambda: ModelUnavailable("the inference engine is shutting down"))
             raise
+
+    async def _compute(self, batch: Sequence[_Pending]) -> None:
+        """Run one batch on a free torch thread, then give the thread back."""
+        assert self._slots is not None
+        try:
+            await self._run_batch(batch)
+        except Exception:  # the batcher must survive anything one batch does
+            logger.exception("inference batch failed")
+            _fail(batch, lambda: InferenceFailed("the model failed to run on this batch"))
+        finally:
+            self._slots.release()
 
     async def _run_batch(self, batch: Sequence[_Pending]) -> None:
         groups: dict[int, list[_Pending]] = {}
@@ -376,12 +400,14 @@ class InferenceEngine:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            if self._running:  # batches already on a torch thread finish and answer their requests
+                await asyncio.gather(*self._running, return_exceptions=True)
             _fail([queue.get_nowait() for _ in range(queue.qsize())],
                   lambda: ModelUnavailable("the inference engine is shutting down"))
         if self._executor is not None:
             await asyncio.to_thread(self._executor.shutdown, wait=True)
         device = self._current.device if self._current else self.device
-        self._task = self._queue = self._executor = None
+        self._task = self._queue = self._executor = self._slots = None
         self._current = None
         await asyncio.to_thread(_release_memory, device)
 

@@ -266,3 +266,34 @@ def test_a_failing_forward_fails_its_batch_only(checkpoints: dict[str, Path], up
         assert engine.ready
 
     run(scenario)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_inference_workers_compute_that_many_batches_at_once(checkpoints: dict[str, Path], uploads: list[bytes],
+                                                            workers: int) -> None:
+    """Each forward holds its torch thread for a while: at most `inference_workers` run side by side, and all
+    requests are answered by the right model."""
+    lock, state = threading.Lock(), {"now": 0, "peak": 0}
+
+    def enter(_module: Any, _inputs: Any) -> None:
+        with lock:
+            state["now"] += 1
+            state["peak"] = max(state["peak"], state["now"])
+        time.sleep(0.1)
+
+    def leave(_module: Any, _inputs: Any, _output: Any) -> None:
+        with lock:
+            state["now"] -= 1
+
+    async def scenario(engine: InferenceEngine, registry: CollectorRegistry) -> list[Prediction]:
+        served = await engine.load_model(checkpoints["a"], version="a")
+        served.model.register_forward_pre_hook(enter)
+        served.model.register_forward_hook(leave)
+        tensors = [served.preprocess(uploads[i % 8], limits=LIMITS) for i in range(6)]
+        return list(await asyncio.gather(*(engine.submit(t, served=served) for t in tensors)))
+
+    predictions = run(scenario, max_batch_size=1, max_wait_ms=0, inference_workers=workers)
+    assert [p.model_version for p in predictions] == ["a"] * 6
+    assert state["peak"] == workers
+    with pytest.raises(ValueError, match="inference_workers"):
+        EngineConfig(inference_workers=0)
