@@ -133,8 +133,14 @@ def active_validation_report(session: Session, settings: Settings, *, candidate:
             active.id, dataset.id, cost_matrix_version_id):
         return dict(ahead.report)
     logger.info("evaluating active model %s on dataset %s for the gate", active.id, dataset.name)
-    results = evaluation.evaluate_checkpoint(checkpoint_path(settings, active), data_root=Path(dataset.path),
-                                             cost_matrix=cost_matrix, device=settings.device, splits=("valid",))
+    return _valid_report(settings, checkpoint_path(settings, active), data_root=Path(dataset.path),
+                         cost_matrix=cost_matrix)
+
+
+def _valid_report(settings: Settings, checkpoint: Path, *, data_root: Path, cost_matrix: CostMatrix) -> dict[str, Any]:
+    """A checkpoint's report on the validation split of an image folder (the gate's one slow step)."""
+    results = evaluation.evaluate_checkpoint(checkpoint, data_root=data_root, cost_matrix=cost_matrix,
+                                             device=settings.device, splits=("valid",))
     return results["valid"].report
 
 
@@ -158,9 +164,8 @@ def evaluate_active_ahead(database: Database, settings: Settings, *, parent_id: 
         cost_matrix = cost_matrix_of(session, cm_version, classes=list(classes))
         path, data_root, active_id = checkpoint_path(settings, active), Path(dataset.path), active.id
     logger.info("evaluating active model %s on dataset %s ahead of the promotion gate", active_id, data_root)
-    results = evaluation.evaluate_checkpoint(path, data_root=data_root, cost_matrix=cost_matrix,
-                                             device=settings.device, splits=("valid",))
-    return AheadReport(active_id, dataset_id, cm_version, results["valid"].report)
+    return AheadReport(active_id, dataset_id, cm_version,
+                       _valid_report(settings, path, data_root=data_root, cost_matrix=cost_matrix))
 
 
 def evaluate_gate(session: Session, settings: Settings, *, candidate: ModelVersion,

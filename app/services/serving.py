@@ -54,7 +54,8 @@ def limits_of(app: FastAPI) -> ImageLimits:
 
 
 def decode_slots_of(app: FastAPI) -> asyncio.Semaphore:
-    """The app's bound on concurrent upload decodes (settings.max_concurrent_decodes): memory stays bounded."""
+    """The app's bound on concurrent upload decodes (settings.max_concurrent_decodes), made on first use on the
+    event loop: decode memory stays bounded."""
     slots: asyncio.Semaphore | None = getattr(app.state, "decode_slots", None)
     if slots is None:
         slots = app.state.decode_slots = asyncio.Semaphore(app.state.settings.max_concurrent_decodes)
@@ -93,7 +94,6 @@ async def serving_lifespan(app: FastAPI, *, settings: Settings, database: Databa
     await engine.start()
     app.state.engine = engine
     app.state.image_limits = ImageLimits.from_settings(settings)
-    app.state.decode_slots = asyncio.Semaphore(settings.max_concurrent_decodes)
     app.state.model_ready = lambda: engine.ready
     try:
         await load_active_model(engine, database)
