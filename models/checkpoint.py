@@ -1,4 +1,10 @@
-"""Checkpoints: `model.safetensors` + `metadata.json` in one directory, written atomically."""
+"""Checkpoints: `model.safetensors` + `metadata.json` in one directory, written atomically.
+
+A third, optional file, `validation.safetensors`, holds the calibrated validation probabilities and labels
+the verdict policy was fitted on, so that the policy can be refitted when a pharmacist changes the cost
+matrix (`models.decision.refit_policy`) without the dataset. Its SHA-256 is recorded in the metadata's
+`decision.validation_sha256`.
+"""
 
 from __future__ import annotations
 
@@ -26,6 +32,8 @@ from models.networks import ARCHITECTURES, create_model
 
 WEIGHTS_FILE = "model.safetensors"
 METADATA_FILE = "metadata.json"
+VALIDATION_FILE = "validation.safetensors"
+CHECKPOINT_FILES = (WEIGHTS_FILE, METADATA_FILE, VALIDATION_FILE)  # the last one is optional
 METADATA_VERSION = 1
 OUTPUT_KINDS = ("logits", "costs")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -315,11 +323,58 @@ def load_checkpoint(directory: str | Path, *, device: str | torch.device = "cpu"
     return LoadedCheckpoint(model=model, metadata=metadata, weights_sha256=hashlib.sha256(weights).hexdigest())
 
 
-def with_updated_metadata(src_dir: str | Path, dst_dir: str | Path, **changes: Any) -> str:
-    """Copy a checkpoint with some metadata fields replaced (e.g. temperature, decision); same weights."""
+def with_updated_metadata(src_dir: str | Path, dst_dir: str | Path, *, validation: bytes | None = None,
+                          **changes: Any) -> str:
+    """Copy a checkpoint with some metadata fields replaced (e.g. temperature, decision); same weights.
+
+    `validation` (from `encode_validation_outputs`) replaces the validation outputs; without it those of
+    `src_dir`, if any, are carried over.
+    """
     weights = _read_weights(src_dir)
     metadata = dataclasses.replace(read_metadata(src_dir), **changes)
     overwrite = Path(src_dir).resolve() == Path(dst_dir).resolve()
-    _publish(Path(dst_dir), {WEIGHTS_FILE: weights, METADATA_FILE: metadata.to_json().encode()},
-             overwrite=overwrite)
+    files = {WEIGHTS_FILE: weights, METADATA_FILE: metadata.to_json().encode()}
+    carried = Path(src_dir) / VALIDATION_FILE
+    if validation is None and carried.is_file():
+        validation = carried.read_bytes()
+    if validation is not None:
+        files[VALIDATION_FILE] = validation
+    _publish(Path(dst_dir), files, overwrite=overwrite)
     return hashlib.sha256(weights).hexdigest()
+
+
+def encode_validation_outputs(probs: Any, labels: Any) -> bytes:
+    """Validation probabilities (N, K) as float64 and labels (N,) as int64, in safetensors format."""
+    import numpy as np
+    from safetensors.numpy import save
+
+    p = np.ascontiguousarray(np.asarray(probs, dtype=np.float64))
+    y = np.ascontiguousarray(np.asarray(labels, dtype=np.int64).reshape(-1))
+    if p.ndim != 2 or p.shape[0] != y.shape[0]:
+        raise ValueError(f"need (N, K) probabilities and N labels (got {p.shape} and {y.shape})")
+    return save({"probs": p, "labels": y}, metadata={"format": "rxverify-validation-v1"})
+
+
+def read_validation_outputs(directory: str | Path, *, expected_sha256: str | None = None) -> tuple[Any, Any] | None:
+    """(probs, labels) from a checkpoint's validation file, or None when it has none.
+
+    Raises CheckpointError when the file is unreadable, malformed, or does not hash to `expected_sha256`.
+    """
+    import numpy as np
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
+
+    path = Path(directory) / VALIDATION_FILE
+    if not path.is_file():
+        return None
+    data = path.read_bytes()
+    if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
+        raise CheckpointError(f"{path} does not match the SHA-256 recorded in the metadata")
+    try:
+        arrays = load(data)
+        probs, labels = arrays["probs"], arrays["labels"]
+    except (SafetensorError, ValueError, KeyError) as error:
+        raise CheckpointError(f"{path} is corrupt: {error!r}") from None
+    if probs.ndim != 2 or labels.shape != (probs.shape[0],) or probs.dtype != np.float64:
+        raise CheckpointError(f"{path} holds arrays of the wrong shape or type")
+    return probs, labels

@@ -151,6 +151,7 @@ class Decision:
     expected_accept_cost: float
     top: tuple[tuple[str, float], ...]
     conformal_set: tuple[str, ...]
+    accept_risk_threshold: float  # the policy's accept_risk that expected_accept_cost was held to
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (top as [{class, probability}])."""
@@ -213,6 +214,7 @@ def decide_batch(probs: Any, *, prescribed_indices: Sequence[int] | np.ndarray, 
             expected_accept_cost=float(risk[i, r]),
             top=tuple((classes[int(j)], float(array[i, j])) for j in order[:max(top_k, 0)]),
             conformal_set=tuple(classes[int(j)] for j in order if in_set[i, j]),
+            accept_risk_threshold=policy.accept_risk,
         ))
     return decisions
 
@@ -357,7 +359,9 @@ def fit_policy(probs_valid: Any, labels_valid: Any, *, cost_matrix: CostMatrix, 
     report = {
         "fitted": True, "n": int(labels.size), "n_threshold": int(fit_idx.size), "n_calibration": int(cal_idx.size),
         "seed": seed, "calibration_fraction": calibration_fraction, "base_alpha": base_alpha,
-        "wrong_fill_rate": wrong_fill_rate, "cost_matrix_sha256": cost_matrix.fingerprint(),
+        "wrong_fill_rate": wrong_fill_rate, "correct_fill_mismatch_rate": correct_fill_mismatch_rate,
+        "max_mismatch_probability": max_mismatch_probability, "max_accept_risk": max_accept_risk,
+        "cost_matrix_sha256": cost_matrix.fingerprint(),
         "simulation": "every validation image x every class as prescription; r = y correct, r != y wrong",
         **summary,
         "calibration_half": held_out,
@@ -367,3 +371,25 @@ def fit_policy(probs_valid: Any, labels_valid: Any, *, cost_matrix: CostMatrix, 
     }
     return VerdictPolicy(classes, accept_risk=accept_risk, mismatch_probability=mismatch_probability,
                          qhat=tuple(qhat), alpha=tuple(alphas), critical_cost=critical_cost, report=report)
+
+
+def refit_policy(policy: VerdictPolicy, probs_valid: Any, labels_valid: Any, *,
+                 cost_matrix: CostMatrix) -> VerdictPolicy:
+    """`policy` fitted again, with the same settings and validation outputs, for another cost matrix.
+
+    The thresholds and the conformal alphas depend on the costs (alpha_y shrinks for products whose
+    confusions are costly; `accept_risk` is bounded by the cheapest critical wrong fill), so a policy
+    fitted for one cost matrix is not the policy for another. Refitting with the matrix a policy was
+    fitted for returns an equal policy. Raises ValueError for a policy that was never fitted.
+    """
+    report = policy.report
+    if not policy.accepts or not report.get("fitted"):
+        raise ValueError("only a fitted verdict policy can be refitted")
+    max_accept_risk = report.get("max_accept_risk")
+    return fit_policy(probs_valid, labels_valid, cost_matrix=cost_matrix, critical_cost=policy.critical_cost,
+                      classes=policy.classes, base_alpha=float(report["base_alpha"]),
+                      wrong_fill_rate=float(report["wrong_fill_rate"]),
+                      correct_fill_mismatch_rate=float(report.get("correct_fill_mismatch_rate", 0.0)),
+                      max_mismatch_probability=float(report.get("max_mismatch_probability", 0.5)),
+                      max_accept_risk=None if max_accept_risk is None else float(max_accept_risk),
+                      seed=int(report["seed"]), calibration_fraction=float(report["calibration_fraction"]))

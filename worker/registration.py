@@ -10,6 +10,7 @@ nothing. The "model promoted" notification goes out after that commit.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import shutil
 import subprocess
@@ -79,17 +80,23 @@ def _decision_summary(decision: dict[str, Any]) -> dict[str, Any]:
 
 def finalise_checkpoint(checkpoint: Path, final: Path, *, data_root: Path, cost_matrix: CostMatrix,
                         settings: Settings, seed: int) -> tuple[dict[str, evaluation.SplitEvaluation], dict[str, Any]]:
-    """Score a trained checkpoint on valid and test, fit its verdict policy on valid, write it to `final`."""
-    from models.checkpoint import read_metadata, with_updated_metadata
+    """Score a trained checkpoint on valid and test, fit its verdict policy on valid, write it to `final`.
+
+    The validation outputs the policy was fitted on are stored with it (`validation.safetensors`, hash in
+    `decision.validation_sha256`), so the API can refit the policy when the cost matrix changes.
+    """
+    from models.checkpoint import encode_validation_outputs, read_metadata, with_updated_metadata
 
     candidate = evaluation.evaluate_checkpoint(checkpoint, data_root=data_root, cost_matrix=cost_matrix,
                                                device=settings.device)
     decision = fit_verdict_policy(candidate["valid"], classes=read_metadata(checkpoint).classes,
                                   cost_matrix=cost_matrix, critical_cost=settings.critical_cost_threshold, seed=seed)
+    validation = encode_validation_outputs(candidate["valid"].probs, candidate["valid"].labels)
+    decision["validation_sha256"] = hashlib.sha256(validation).hexdigest()
     # An earlier attempt may have died after writing `final` and before the commit: it is derived from this
     # attempt's checkpoint, so rebuild it rather than fail on a non-empty directory.
     shutil.rmtree(final, ignore_errors=True)
-    with_updated_metadata(checkpoint, final, decision=decision)
+    with_updated_metadata(checkpoint, final, decision=decision, validation=validation)
     return candidate, decision
 
 

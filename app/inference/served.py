@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,12 +15,16 @@ from torch import nn
 
 from app.errors import DomainError
 from app.inference.images import ImageLimits, decode_image
-from models.checkpoint import CheckpointMetadata, load_checkpoint
+from models.checkpoint import CheckpointMetadata, load_checkpoint, read_validation_outputs
 from models.costs import CostMatrix
-from models.decision import Decision, VerdictPolicy, decide
+from models.decision import Decision, VerdictPolicy, decide, refit_policy
 from models.evaluate import probabilities_from_outputs
 from models.runtime import autocast_context
 from models.transforms import EvalPreset
+
+logger = logging.getLogger(__name__)
+
+_REFITS_KEPT = 8  # policies refitted for other cost matrices, kept per served model
 
 
 class ModelLoadError(RuntimeError):
@@ -44,6 +50,41 @@ class ServedModel:
     device: torch.device
     weights_sha256: str
     policy: VerdictPolicy | None = field(repr=False)
+    # Calibrated validation probabilities and labels the policy was fitted on (None for older checkpoints).
+    validation: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+    _policies: dict[str, tuple[VerdictPolicy, bool]] = field(default_factory=dict, repr=False)
+    _policies_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def policy_for(self, cost_matrix: CostMatrix, *, critical_cost: float) -> tuple[VerdictPolicy, bool]:
+        """The verdict policy for a cost matrix over this model's classes, and whether it was fitted for it.
+
+        The stored policy was fitted for the job's cost matrix. When a pharmacist has since activated
+        another one, the thresholds and conformal alphas are refitted for it on the stored validation
+        outputs (once per matrix, cached), so the risk and its threshold always speak of the same costs.
+        A checkpoint without validation outputs keeps its stored policy, reported as not fitted for the
+        matrix (False). A model with no fitted policy never auto-accepts (`VerdictPolicy.review_only`).
+        """
+        if self.policy is None:
+            return VerdictPolicy.review_only(self.classes, critical_cost=critical_cost), False
+        key = cost_matrix.fingerprint()
+        if self.policy.report.get("cost_matrix_sha256") == key:
+            return self.policy, True
+        with self._policies_lock:
+            if key in self._policies:
+                return self._policies[key]
+            if self.validation is None:
+                logger.warning("model %s: its verdict policy was fitted for another cost matrix and the checkpoint "
+                               "holds no validation outputs to refit it; thresholds of the old costs are used",
+                               self.version)
+                found = (self.policy, False)
+            else:
+                found = (refit_policy(self.policy, *self.validation, cost_matrix=cost_matrix), True)
+                logger.info("model %s: verdict policy refitted for cost matrix %s (accept_risk %.6g -> %.6g)",
+                            self.version, key[:12], self.policy.accept_risk, found[0].accept_risk)
+            while len(self._policies) >= _REFITS_KEPT:
+                self._policies.pop(next(iter(self._policies)))
+            self._policies[key] = found
+            return found
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -72,20 +113,23 @@ class Prediction:
     classes: tuple[str, ...]
     served: ServedModel = field(repr=False)
 
-    def decide(self, *, prescribed: str, cost_matrix: CostMatrix, critical_cost: float, top_k: int = 3) -> Decision:
-        """The verdict against a prescribed product key, with the policy fitted for this model version.
+    def decide(self, *, prescribed: str, cost_matrix: CostMatrix, critical_cost: float,
+               top_k: int = 3) -> tuple[Decision, bool]:
+        """The verdict against a prescribed product key, and whether its policy was fitted for these costs.
 
         The active cost matrix is reindexed to the model's classes when needed (unknown pairs cost the
-        default). A model stored without a fitted policy gets `VerdictPolicy.review_only`, whose
-        `critical_cost` is the one given here; a fitted policy keeps the level it was fitted for.
+        default). The policy is this model version's, fitted (or refitted) for that matrix: see
+        `ServedModel.policy_for`. A model stored without a fitted policy gets `VerdictPolicy.review_only`,
+        whose `critical_cost` is the one given here; a fitted policy keeps the level it was fitted for.
         """
         if prescribed not in self.classes:
             raise ProductNotServed(f"model {self.model_version} was not trained on product {prescribed}; "
                                    "a pharmacist must check this bottle", extra={"prescribed_ndc": prescribed})
         costs = cost_matrix if cost_matrix.classes == self.classes else cost_matrix.reindexed(self.classes)
-        policy = self.served.policy or VerdictPolicy.review_only(self.classes, critical_cost=critical_cost)
-        return decide(self.probs, prescribed_index=self.classes.index(prescribed), cost_matrix=costs, policy=policy,
-                      classes=self.classes, top_k=top_k)
+        policy, fitted = self.served.policy_for(costs, critical_cost=critical_cost)
+        decision = decide(self.probs, prescribed_index=self.classes.index(prescribed), cost_matrix=costs,
+                          policy=policy, classes=self.classes, top_k=top_k)
+        return decision, fitted
 
 
 def load_served_model(checkpoint_dir: str | Path, *, version: str, device: torch.device) -> ServedModel:
@@ -95,10 +139,13 @@ def load_served_model(checkpoint_dir: str | Path, *, version: str, device: torch
     policy = VerdictPolicy.from_dict(metadata.decision) if metadata.decision else None
     if policy is not None and policy.classes != metadata.classes:
         raise ModelLoadError(f"{checkpoint_dir}: the stored verdict policy names other classes than the model")
+    validation = read_validation_outputs(checkpoint_dir, expected_sha256=metadata.decision.get("validation_sha256"))
+    if validation is not None and validation[0].shape[1] != metadata.num_classes:
+        raise ModelLoadError(f"{checkpoint_dir}: the validation outputs have another class count than the model")
     preset = EvalPreset.from_metadata(metadata)
     preset(Image.new("RGB", (preset.image_size + 7, preset.image_size), (128, 128, 128)))  # first-call costs
     return ServedModel(model=loaded.model, metadata=metadata, preset=preset, version=version, device=device,
-                       weights_sha256=loaded.weights_sha256, policy=policy)
+                       weights_sha256=loaded.weights_sha256, policy=policy, validation=validation)
 
 
 def forward_probabilities(served: ServedModel, tensors: Sequence[torch.Tensor], *, autocast: bool = True

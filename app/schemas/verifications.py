@@ -35,6 +35,14 @@ class VerificationRead(BaseModel):
     probability_prescribed: float = Field(ge=0, le=1, description="Calibrated probability of the prescribed product.")
     expected_accept_cost: float = Field(ge=0, description="Bayes risk of accepting: sum over y != prescribed of "
                                                           "p(y) * cost(y, prescribed).")
+    accept_risk_threshold: float | None = Field(
+        default=None, ge=0, description="The verdict policy's accept threshold: a `match` needs expected_accept_cost "
+                                        "at most this (null in audit records written before it was recorded).")
+    policy_fitted_for_cost_matrix: bool | None = Field(
+        default=None,
+        description="True when the thresholds and conformal set were fitted for this cost-matrix version (refitted "
+                    "on the model's validation outputs after a cost change). False for a model without a fitted "
+                    "policy (every fill goes to review) or an older checkpoint that cannot be refitted.")
     top: list[TopClass]
     conformal_set: list[str] = Field(description="Products the Mondrian conformal set keeps for this photo "
                                                  "(see the guarantee in the API description).")

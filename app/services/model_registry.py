@@ -23,7 +23,14 @@ from app.errors import FieldError, InvalidInput, NotFound
 from app.orm import ACTIVE_STATE_ID, ActiveState, ModelPromotion, ModelVersion
 from app.services.audit import Actor, record_change
 from app.services.products import catalog_keys
-from models.checkpoint import METADATA_FILE, WEIGHTS_FILE, CheckpointError, read_metadata, weights_sha256
+from models.checkpoint import (
+    CHECKPOINT_FILES,
+    VALIDATION_FILE,
+    WEIGHTS_FILE,
+    CheckpointError,
+    read_metadata,
+    weights_sha256,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -72,11 +79,13 @@ def check_classes_in_catalog(session: Session, classes: tuple[str, ...]) -> None
 
 
 def _copy_content_addressed(source: Path, target: Path) -> None:
-    """Copy the checkpoint's two files into `target` atomically (temp dir beside it, then rename)."""
+    """Copy the checkpoint's files into `target` atomically (temp dir beside it, then rename)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        for name in (WEIGHTS_FILE, METADATA_FILE):
+        for name in CHECKPOINT_FILES:
+            if name == VALIDATION_FILE and not (source / name).is_file():
+                continue  # optional: a model without it keeps the policy it was fitted with
             shutil.copy2(source / name, staging / name)
         if (target / WEIGHTS_FILE).is_file():
             return  # another process registered the same weights first: same bytes by construction

@@ -191,12 +191,15 @@ def retain_image(settings: Settings, *, data: bytes, sha256: str, image_format: 
     return target
 
 
-def response_body(row: Verification, *, decision: Decision, model_sha256: str) -> dict[str, Any]:
+def response_body(row: Verification, *, decision: Decision, model_sha256: str,
+                  policy_fitted: bool) -> dict[str, Any]:
     """The 200 body (also stored in the row, so an idempotent retry gets exactly the same answer)."""
     return {"id": row.id, "verdict": decision.verdict, "reason": decision.reason,
             "prescribed_ndc": decision.prescribed, "prescribed_ndc_input": row.prescribed_ndc_input,
             "predicted_ndc": decision.predicted, "probability_prescribed": decision.probability_prescribed,
             "expected_accept_cost": decision.expected_accept_cost,
+            "accept_risk_threshold": decision.accept_risk_threshold,
+            "policy_fitted_for_cost_matrix": policy_fitted,
             "top": [{"ndc": ndc, "probability": p} for ndc, p in decision.top],
             "conformal_set": list(decision.conformal_set), "model_version": row.model_version_id,
             "model_sha256": model_sha256, "cost_matrix_version": row.cost_matrix_version_id,
@@ -218,9 +221,10 @@ def finish(session: Session, *, settings: Settings, prepared: Prepared, predicti
            idempotency_key: str | None, latency_ms: float) -> Outcome:
     """Step 3 (blocking; run it in a thread): decide, retain the image if configured, flush the audit row."""
     matrix = cost_matrix_for(session, version_id=prepared.cost_matrix_version_id, classes=prediction.classes)
-    # The serving version's own fitted policy; a model without one never auto-accepts (review_only).
-    decision = prediction.decide(prescribed=prepared.prescribed_ndc, cost_matrix=matrix,
-                                 critical_cost=settings.critical_cost_threshold, top_k=TOP_K)
+    # The serving version's own policy, refitted for this cost matrix if it was fitted for another one;
+    # a model without one never auto-accepts (review_only).
+    decision, policy_fitted = prediction.decide(prescribed=prepared.prescribed_ndc, cost_matrix=matrix,
+                                                critical_cost=settings.critical_cost_threshold, top_k=TOP_K)
     image_path = (retain_image(settings, data=image, sha256=prepared.image_sha256, image_format=image_info.format)
                   if settings.retain_images else None)
     row = Verification(
@@ -234,7 +238,8 @@ def finish(session: Session, *, settings: Settings, prepared: Prepared, predicti
         cost_matrix_version_id=prepared.cost_matrix_version_id, image_sha256=prepared.image_sha256,
         image_path=str(image_path) if image_path else None, image_format=image_info.format,
         image_width=image_info.width, image_height=image_info.height, latency_ms=round(latency_ms, 3))
-    body = response_body(row, decision=decision, model_sha256=prediction.served.weights_sha256)
+    body = response_body(row, decision=decision, model_sha256=prediction.served.weights_sha256,
+                         policy_fitted=policy_fitted)
     row.top, row.response = body["top"], body
     if idempotency_key is None:
         session.add(row)

@@ -9,6 +9,7 @@ leave out one catalog product (`NOT_SERVED`), to test a product the model does n
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import shutil
@@ -24,7 +25,12 @@ from app.config import Settings
 from app.db import Database
 from app.services.audit import Actor
 from app.services.model_registry import register_and_activate
-from models.checkpoint import CheckpointMetadata, save_checkpoint
+from models.checkpoint import (
+    CheckpointMetadata,
+    encode_validation_outputs,
+    save_checkpoint,
+    with_updated_metadata,
+)
 from models.costs import CostMatrix
 from models.decision import fit_policy
 from models.networks import create_model
@@ -57,8 +63,11 @@ def simulated_validation(classes: Sequence[str], *, per_class: int = 12, seed: i
 
 def make_checkpoint(directory: Path, *, classes: Sequence[str] = SERVED_CLASSES, favourite: str = FAVOURITE,
                     confidence: float = 0.9, image_size: int = 32, fitted: bool = True, seed: int = 0,
-                    arch: str = "tiny_cnn") -> Path:
-    """Save a rigged checkpoint (see the module docstring); `fitted=False` stores no verdict policy."""
+                    arch: str = "tiny_cnn", store_validation: bool = True) -> Path:
+    """Save a rigged checkpoint (see the module docstring); `fitted=False` stores no verdict policy.
+
+    `store_validation=False` leaves out the validation outputs (a checkpoint from before they were stored).
+    """
     classes = tuple(classes)
     torch.manual_seed(seed)
     model = create_model(arch, len(classes))
@@ -70,15 +79,21 @@ def make_checkpoint(directory: Path, *, classes: Sequence[str] = SERVED_CLASSES,
             head.bias.fill_(rest)
             head.bias[classes.index(favourite)] = math.log(confidence)
     decision: dict[str, Any] = {}
+    validation: bytes | None = None
     if fitted:
         probs, labels = simulated_validation(classes, seed=seed)
         policy = fit_policy(probs, labels, cost_matrix=expert_costs(classes), critical_cost=CRITICAL_COST,
                             classes=classes, seed=seed)
         decision = policy.to_dict()
+        if store_validation:  # what worker.registration stores, so that the API can refit the policy
+            validation = encode_validation_outputs(probs, labels)
+            decision["validation_sha256"] = hashlib.sha256(validation).hexdigest()
     metadata = CheckpointMetadata(classes=classes, arch=arch, in_channels=3, image_size=image_size,
                                   mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), method="baseline",
                                   decision=decision)
     save_checkpoint(directory, model=model, metadata=metadata)
+    if validation is not None:
+        with_updated_metadata(directory, directory, validation=validation)
     return directory
 
 

@@ -10,8 +10,9 @@ from sqlalchemy import select
 
 from app.db import Database
 from app.orm import Role, Verification
+from models.costs import CostMatrix
 from models.decision import CONFORMAL_GUARANTEE
-from tests.app.factories import count_rows
+from tests.app.factories import change, count_rows, edit
 from tests.app.model_factory import (
     FAVOURITE,
     cached_checkpoint,
@@ -129,3 +130,53 @@ def test_metrics_count_verdicts_by_model_version(served: ApiEnv) -> None:
     assert 'rxverify_verdicts_total{model_version="1",verdict="match"}' in text
     assert "rxverify_verification_duration_seconds_bucket" in text
     assert "rxverify_inference_batch_size_bucket" in text and "rxverify_inference_queue_wait_seconds" in text
+
+
+def _activate_edit(env: ApiEnv, *changes: dict[str, Any]) -> int:
+    pharmacist = env.as_role("pharmacist")
+    created = env.client.post("/v1/admin/cost-matrices", json=edit(1, *changes), headers=pharmacist)
+    assert created.status_code == 201, created.text
+    version = int(created.json()["version"])
+    activated = env.client.post(f"/v1/admin/cost-matrices/{version}/activate", json={"reason": "test"},
+                                headers=pharmacist)
+    assert activated.status_code == 200, activated.text
+    return version
+
+
+def test_a_cost_change_refits_the_thresholds_for_the_next_verdict(served: ApiEnv, checkpoint_root: Path) -> None:
+    from models.checkpoint import read_metadata
+    from models.decision import VerdictPolicy, refit_policy
+    from tests.app.model_factory import SERVED_CLASSES, expert_costs, simulated_validation
+
+    stored = VerdictPolicy.from_dict(read_metadata(cached_checkpoint(checkpoint_root)).decision)
+    first = post_verification(served.client, served.keys[Role.CLIENT], image=jpeg_photo(), ndc=FAVOURITE).json()
+    assert first["policy_fitted_for_cost_matrix"] is True
+    assert first["accept_risk_threshold"] == pytest.approx(stored.accept_risk)
+    # A pharmacist makes "glipizide in a furosemide bottle" critical: the risk of accepting furosemide rises
+    # and the thresholds are refitted for the new matrix (on the validation outputs stored with the model).
+    version = _activate_edit(served, change(GLIP, FAVOURITE, 40))
+    second = post_verification(served.client, served.keys[Role.CLIENT], image=jpeg_photo(), ndc=FAVOURITE).json()
+    assert second["cost_matrix_version"] == version and second["policy_fitted_for_cost_matrix"] is True
+    new_costs = CostMatrix.from_pairs(SERVED_CLASSES, {**{(t, p): c for t, p, c in expert_costs(SERVED_CLASSES).entries()
+                                                         if c != 1.0}, (GLIP, FAVOURITE): 40.0})
+    expected = refit_policy(stored, *simulated_validation(SERVED_CLASSES), cost_matrix=new_costs)
+    assert expected.accept_risk != stored.accept_risk
+    assert second["accept_risk_threshold"] == pytest.approx(expected.accept_risk)
+    assert second["expected_accept_cost"] > first["expected_accept_cost"]
+    detail = served.client.get(f"/v1/verifications/{second['id']}",
+                               headers=served.as_role("pharmacist")).json()
+    assert detail["accept_risk_threshold"] == second["accept_risk_threshold"]
+
+
+def test_a_checkpoint_without_validation_outputs_says_its_thresholds_are_for_other_costs(
+        seeded_sqlite_template: Any, tmp_path: Path, make_client: Any, checkpoint_root: Path) -> None:
+    template, keys = seeded_sqlite_template
+    settings = served_settings(template, tmp_path / "data",
+                               checkpoint=cached_checkpoint(checkpoint_root, store_validation=False))
+    env = ApiEnv(settings, make_client(settings), dict(keys))
+    before = post_verification(env.client, keys[Role.CLIENT], image=jpeg_photo(), ndc=FAVOURITE).json()
+    assert before["policy_fitted_for_cost_matrix"] is True
+    _activate_edit(env, change(GLIP, FAVOURITE, 40))
+    after = post_verification(env.client, keys[Role.CLIENT], image=jpeg_photo(), ndc=FAVOURITE).json()
+    assert after["policy_fitted_for_cost_matrix"] is False
+    assert after["accept_risk_threshold"] == before["accept_risk_threshold"]

@@ -16,11 +16,14 @@ from torch import nn
 from models import checkpoint as checkpoint_module
 from models.checkpoint import (
     METADATA_FILE,
+    VALIDATION_FILE,
     WEIGHTS_FILE,
     CheckpointError,
     CheckpointMetadata,
+    encode_validation_outputs,
     load_checkpoint,
     read_metadata,
+    read_validation_outputs,
     save_checkpoint,
     weights_sha256,
     with_updated_metadata,
@@ -225,6 +228,33 @@ def test_with_updated_metadata_keeps_weights(tmp_path: Path) -> None:
     assert not (tmp_path / "bad").exists()
     with_updated_metadata(tmp_path / "b", tmp_path / "b", temperature=2.0)  # in place is allowed
     assert read_metadata(tmp_path / "b").temperature == 2.0
+
+
+def test_validation_outputs_travel_with_the_checkpoint_and_are_checked(tmp_path: Path) -> None:
+    import numpy as np
+
+    save_checkpoint(tmp_path / "a", model=trained_model(), metadata=make_metadata())
+    assert read_validation_outputs(tmp_path / "a") is None  # optional
+    probs = np.random.default_rng(0).dirichlet(np.ones(3), size=5)
+    labels = np.array([0, 1, 2, 2, 1])
+    data = encode_validation_outputs(probs.astype(np.float32), labels)
+    digest = hashlib.sha256(data).hexdigest()
+    with_updated_metadata(tmp_path / "a", tmp_path / "b", validation=data, decision={"validation_sha256": digest})
+    read_probs, read_labels = read_validation_outputs(tmp_path / "b", expected_sha256=digest)  # type: ignore[misc]
+    assert read_probs.dtype == np.float64 and np.array_equal(read_probs, probs.astype(np.float32).astype(np.float64))
+    assert read_labels.tolist() == labels.tolist()
+    # Carried over by a metadata-only update, in place or to a new directory.
+    with_updated_metadata(tmp_path / "b", tmp_path / "c", temperature=1.5)
+    assert (tmp_path / "c" / VALIDATION_FILE).read_bytes() == data
+    with_updated_metadata(tmp_path / "c", tmp_path / "c", temperature=1.6)
+    assert (tmp_path / "c" / VALIDATION_FILE).read_bytes() == data
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        read_validation_outputs(tmp_path / "b", expected_sha256="00" * 32)
+    (tmp_path / "c" / VALIDATION_FILE).write_bytes(b"not safetensors")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        read_validation_outputs(tmp_path / "c")
+    with pytest.raises(ValueError, match="N labels"):
+        encode_validation_outputs(probs, labels[:4])
 
 
 def test_load_to_device_argument(tmp_path: Path) -> None:

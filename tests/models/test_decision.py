@@ -20,6 +20,7 @@ from models.decision import (
     decide,
     decide_batch,
     fit_policy,
+    refit_policy,
     split_validation,
 )
 
@@ -74,7 +75,7 @@ def test_accepted_path_fills_every_field() -> None:
     decision = verdict([0.9, 0.06, 0.04], 0)
     assert decision == Decision(verdict="match", reason="accepted", prescribed="A", predicted="A",
                                 probability_prescribed=0.9, expected_accept_cost=decision.expected_accept_cost,
-                                top=(("A", 0.9), ("B", 0.06), ("C", 0.04)), conformal_set=("A",))
+                                top=(("A", 0.9), ("B", 0.06), ("C", 0.04)), conformal_set=("A",), accept_risk_threshold=0.5)
     assert decision.expected_accept_cost == pytest.approx(0.1)
     body = decision.to_dict()
     assert body["top"][0] == {"class": "A", "probability": 0.9}
@@ -283,3 +284,25 @@ def test_review_only_policy_never_accepts_even_at_zero_risk() -> None:
         assert (decision.verdict, decision.reason) == ("review", "no-fitted-policy")
         assert decision.expected_accept_cost == 0.0
     assert VerdictPolicy.from_dict(policy.to_dict()).accepts is False
+
+
+def test_refit_for_the_same_costs_gives_the_same_policy_and_for_new_costs_follows_them() -> None:
+    rng = np.random.default_rng(3)
+    k = 6
+    classes = tuple(f"P{i}" for i in range(k))
+    probs, labels = synthetic_probs(rng, 60, k)
+    before = CostMatrix.from_pairs(classes, {("P1", "P0"): 10.0})
+    policy = fit_policy(probs, labels, cost_matrix=before, critical_cost=5.0, classes=classes, seed=7,
+                        base_alpha=0.2, wrong_fill_rate=0.02)
+    same = refit_policy(policy, probs, labels, cost_matrix=before)
+    assert same == policy and same.report == policy.report
+    # A pharmacist makes P3 -> P2 critical too: P3's miss rate shrinks, and the threshold half again
+    # accepts no critical wrong fill, now including the new pair.
+    after = CostMatrix.from_pairs(classes, {("P1", "P0"): 10.0, ("P3", "P2"): 20.0})
+    refit = refit_policy(policy, probs, labels, cost_matrix=after)
+    assert refit.report["cost_matrix_sha256"] == after.fingerprint() != policy.report["cost_matrix_sha256"]
+    assert refit.alpha[3] < policy.alpha[3] and refit.alpha[1] == policy.alpha[1]
+    assert refit.report["seed"] == 7 and refit.report["base_alpha"] == 0.2 and refit.critical_cost == 5.0
+    assert refit.report["critical_accepts"] == 0
+    with pytest.raises(ValueError, match="fitted"):
+        refit_policy(VerdictPolicy.review_only(classes, critical_cost=5.0), probs, labels, cost_matrix=after)

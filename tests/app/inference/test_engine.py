@@ -224,9 +224,10 @@ def test_the_stored_verdict_policy_travels_with_the_model(tmp_path: Path, upload
 
     prediction = run(scenario)
     assert prediction.served.policy == policy
-    decision = prediction.decide(prescribed=CLASSES_A[1], cost_matrix=CostMatrix.uniform(CLASSES_A[::-1]),
-                                 critical_cost=5.0)
+    decision, fitted = prediction.decide(prescribed=CLASSES_A[1], cost_matrix=CostMatrix.uniform(CLASSES_A[::-1]),
+                                         critical_cost=5.0)
     assert (decision.verdict, decision.prescribed) == ("review", CLASSES_A[1])  # the review-only policy
+    assert fitted is False  # a review-only policy was fitted for no cost matrix
     assert decision.probability_prescribed == pytest.approx(prediction.probs[1])
     with pytest.raises(ProductNotServed) as caught:
         prediction.decide(prescribed="99999-9999", cost_matrix=CostMatrix.uniform(CLASSES_A), critical_cost=5.0)
