@@ -66,6 +66,8 @@ class ServedModel:
         """
         if self.policy is None:
             return VerdictPolicy.review_only(self.classes, critical_cost=critical_cost), False
+        if not self.policy.accepts:  # stored review-only (validation too small to fit): nothing to refit
+            return self.policy, False
         key = cost_matrix.fingerprint()
         if self.policy.report.get("cost_matrix_sha256") == key:
             return self.policy, True

@@ -3,6 +3,7 @@ a CSADA job end to end, cooperative cancel, and duplicate deliveries that never 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -55,6 +56,9 @@ def test_a_csada_job_succeeds_and_registers_a_model_with_metrics(fleet: Fleet) -
         assert {row["metric"] for row in tables["table5"]} >= {"Total cost", "Overall accuracy (%)"}
         assert all({"parent", "candidate"} <= set(row) for row in tables["table5"] + tables["table6"])
     assert model["decision"]["classes"] and model["temperature"] > 0
+    # The validation outputs the policy was fitted on are stored beside the weights, to refit it for new costs.
+    stored = fleet.settings.checkpoints_dir / model["sha256"] / "validation.safetensors"
+    assert hashlib.sha256(stored.read_bytes()).hexdigest() == model["decision"]["validation_sha256"]
     assert model["sha256"] == result["weights_sha256"]
 
     promotion = result["promotion"]
