@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased, selectinload
 
@@ -236,6 +236,16 @@ def _insert_version(session: Session, *, parent: CostMatrixVersion | None, costs
                            "committed first; re-read the newest version", slug="stale-parent", title="Stale parent version",
                            extra={"parent_version": parent_id}) from exc
         raise
+    if parent_id is None:
+        # SQLite's unique index treats NULLs as distinct (PostgreSQL's does not), so it cannot stop two
+        # racing first versions. After the flush this transaction holds SQLite's write lock and sees every
+        # committed row: a second root means another first version won, and this one is rolled back.
+        roots = session.scalar(select(func.count()).select_from(CostMatrixVersion)
+                               .where(CostMatrixVersion.parent_id.is_(None)))
+        if roots and roots > 1:
+            raise Conflict("parent_version null is stale: another first version committed first; re-read the "
+                           "newest version", slug="stale-parent", title="Stale parent version",
+                           extra={"parent_version": None})
     changed = [{"true_ndc": t, "predicted_ndc": p, "from": parent_costs.get((t, p), default),
                 "to": costs.get((t, p), default)}
                for t, p in sorted(set(parent_costs) | set(costs)) if parent_costs.get((t, p)) != costs.get((t, p))]
