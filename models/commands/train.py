@@ -151,7 +151,7 @@ def run_training(request: TrainRequest, *, progress: Callable[[ProgressEvent], N
     from models.evaluate import collect_outputs, evaluate
     from models.methods import create_method
     from models.networks import create_model
-    from models.runtime import select_device, set_cpu_threads
+    from models.runtime import seed_everything, select_device, set_cpu_threads
 
     if request.method not in METHODS:
         raise TrainError(f"unknown method {request.method!r}; choose one of {', '.join(METHODS)}")
@@ -166,6 +166,8 @@ def run_training(request: TrainRequest, *, progress: Callable[[ProgressEvent], N
     if base is not None:
         model = base.model
     else:
+        # The initial weights are part of the run: seeded, so the same seed trains the same model.
+        seed_everything(request.config.seed)
         input_shape = tuple(data.train[0][0].shape) if arch == "mlp" else None
         model = create_model(arch, len(classes), in_channels=data.in_channels, pretrained_path=request.pretrained,
                              input_shape=input_shape)

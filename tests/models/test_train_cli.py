@@ -156,3 +156,15 @@ def test_metrics_are_plain_json(data: Path, tmp_path: Path) -> None:
                     "--epochs", "1", "--device", "cpu"]) == 0
     raw = json.loads((tmp_path / "c" / "metadata.json").read_text())
     assert raw["arch"] == "mlp" and raw["metrics"]["test"]["n"] == 9
+
+
+def test_the_same_seed_trains_the_same_weights(data: Path, tmp_path: Path) -> None:
+    """A new model's initial weights come from the seed too, not from whatever the global RNG held."""
+    def train_once(out: str, seed: int, noise: int) -> str:
+        torch.manual_seed(noise)  # the caller's RNG state must not matter
+        assert run_cli(["--data", str(data), "--out", str(tmp_path / out), "--seed", str(seed), *TINY]) == 0
+        return weights_sha256(tmp_path / out)
+
+    first = train_once("a", 3, noise=1)
+    assert train_once("b", 3, noise=2) == first
+    assert train_once("c", 4, noise=1) != first
