@@ -313,14 +313,39 @@ def load_checkpoint(directory: str | Path, *, device: str | torch.device = "cpu"
         tensors = load(weights)
     except (SafetensorError, ValueError) as error:
         raise CheckpointError(f"{directory}/{WEIGHTS_FILE} is corrupt: {error}") from None
+    model = _model_with_weights(metadata, tensors, directory=directory)
+    model.to(torch.device(device))
+    model.eval()
+    return LoadedCheckpoint(model=model, metadata=metadata, weights_sha256=hashlib.sha256(weights).hexdigest())
+
+
+def _model_with_weights(metadata: CheckpointMetadata, tensors: Mapping[str, torch.Tensor], *,
+                        directory: str | Path) -> nn.Module:
+    """The architecture built on the meta device, then the loaded tensors assigned in place.
+
+    Building it on the CPU would first fill every weight with a random initialisation that the loaded
+    weights overwrite at once (about 75 ms of CPU for a ResNet-18, on the cores that serve requests
+    during a hot swap). Lazily shaped modules (the MLP) cannot be built on the meta device: they take the
+    ordinary path.
+    """
+    def failed(error: Exception) -> CheckpointError:
+        return CheckpointError(f"{directory}: weights do not fit arch {metadata.arch!r}: {error}")
+
+    if metadata.arch != "mlp":
+        with torch.device("meta"):
+            model = create_model(metadata.arch, metadata.num_classes, in_channels=metadata.in_channels)
+        try:
+            model.load_state_dict(tensors, strict=True, assign=True)
+        except RuntimeError as error:
+            raise failed(error) from None
+        if not any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+            return model
     model = create_model(metadata.arch, metadata.num_classes, in_channels=metadata.in_channels)
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as error:
-        raise CheckpointError(f"{directory}: weights do not fit arch {metadata.arch!r}: {error}") from None
-    model.to(torch.device(device))
-    model.eval()
-    return LoadedCheckpoint(model=model, metadata=metadata, weights_sha256=hashlib.sha256(weights).hexdigest())
+        raise failed(error) from None
+    return model
 
 
 def with_updated_metadata(src_dir: str | Path, dst_dir: str | Path, *, validation: bytes | None = None,

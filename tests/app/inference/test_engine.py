@@ -298,3 +298,25 @@ def test_inference_workers_compute_that_many_batches_at_once(checkpoints: dict[s
     assert state["peak"] == workers
     with pytest.raises(ValueError, match="inference_workers"):
         EngineConfig(inference_workers=0)
+
+
+def test_a_swap_frees_the_old_model_without_a_full_garbage_collection(
+        checkpoints: dict[str, Path], uploads: list[bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    """gc.collect() stalls every thread of a serving process; it runs only if refcounting did not free the model."""
+    from app.inference import engine as engine_module
+
+    collections: list[int] = []
+    monkeypatch.setattr(engine_module.gc, "collect", lambda *args: collections.append(1) or 0)
+
+    async def scenario(engine: InferenceEngine, registry: CollectorRegistry) -> None:
+        await engine.load_model(checkpoints["a"], version="a")
+        await engine.predict_image(uploads[0], limits=LIMITS)
+        old = weakref.ref(engine.current.model)
+        await engine.swap_to(checkpoints["b"], version="b")
+        assert old() is None and collections == []
+        # A model that something still holds (here: this test) is worth a collection.
+        kept = engine.current.model
+        await engine.swap_to(checkpoints["a"], version="a")
+        assert collections == [1] and kept is not None
+
+    run(scenario)
