@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -127,11 +129,27 @@ def cancel_requested(database: Database, job_id: int) -> bool:
         return bool(session.scalar(select(TrainingJob.cancel_requested).where(TrainingJob.id == job_id)))
 
 
-class Heartbeat:
-    """A daemon thread renewing a lease every third of its TTL; `lost` is set once the lease is gone."""
+def kill_this_process() -> None:
+    """SIGKILL this worker process (its supervisor, `rxverify serve` or the container runtime, restarts it)."""
+    os.kill(os.getpid(), signal.SIGKILL)
 
-    def __init__(self, database: Database, lease: Lease) -> None:
+
+class Heartbeat:
+    """A daemon thread renewing a lease every third of its TTL; `lost` is set once the lease is gone.
+
+    It is also the hard time limit where Celery enforces none (the solo pool GPU workers use, and the
+    threads pool): an attempt still running at `hard_deadline` (time.monotonic()) has stopped answering its
+    cooperative stop, e.g. stuck in a C call, and its heartbeat would keep its lease alive forever while
+    the worker takes no other job. The heartbeat then records the job as failed (while it still owns the
+    lease) and calls `on_hard_limit`, by default `kill_this_process` (SIGKILL). The broker's redelivery of
+    the unacknowledged message finds the job finished and does nothing.
+    """
+
+    def __init__(self, database: Database, lease: Lease, *, hard_deadline: float | None = None,
+                 hard_limit_s: float | None = None,
+                 on_hard_limit: Callable[[], None] | None = None) -> None:
         self.database, self.lease = database, lease
+        self.hard_deadline, self.hard_limit_s, self.on_hard_limit = hard_deadline, hard_limit_s, on_hard_limit
         self.lost = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"lease-{lease.job_id}", daemon=True)
@@ -146,7 +164,10 @@ class Heartbeat:
 
     def _run(self) -> None:
         interval = self.lease.ttl_s / 3
-        while not self._stop.wait(interval):
+        while not self._stop.wait(self._wait_s(interval)):
+            if self.hard_deadline is not None and time.monotonic() >= self.hard_deadline:
+                self._hard_limit()
+                return
             try:
                 if not renew(self.database, self.lease):
                     logger.error("lost the lease on training job %s; stopping this attempt", self.lease.job_id)
@@ -154,6 +175,26 @@ class Heartbeat:
                     return
             except Exception:  # a database blip: try again next beat (the lease outlives two misses)
                 logger.exception("could not renew the lease on training job %s", self.lease.job_id)
+
+    def _wait_s(self, interval: float) -> float:
+        if self.hard_deadline is None:
+            return interval
+        return max(0.0, min(interval, self.hard_deadline - time.monotonic()))
+
+    def _hard_limit(self) -> None:
+        limit = f"{self.hard_limit_s:g} s" if self.hard_limit_s is not None else "its"
+        message = (f"hard time limit: the attempt was still running after {limit} (RXVERIFY_TASK_TIME_LIMIT_S) "
+                   "without stopping at its soft limit, so its worker process was killed")
+        logger.critical("training job %s: %s", self.lease.job_id, message)
+        try:
+            with self.database.session() as session:
+                finish(session, self.lease, status="failed", error=message, result={"hard_time_limit": True})
+        except LeaseLost:
+            logger.warning("training job %s: the lease was already lost; nothing recorded", self.lease.job_id)
+        except Exception:  # the kill must happen anyway: the lease then expires and the reaper requeues
+            logger.exception("training job %s: could not record the hard time limit", self.lease.job_id)
+        self.lost.set()
+        (self.on_hard_limit or kill_this_process)()
 
 
 def requeue_orphans(database: Database, *, send: Callable[[int, str | None], Any],

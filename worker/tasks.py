@@ -5,7 +5,9 @@ visibility timeout above the hard limit) plus the job's database lease (worker/l
 or duplicate message for a job that is finished or leased elsewhere returns at once. The soft time limit
 is enforced twice: by Celery (SoftTimeLimitExceeded, prefork pool) and by the task itself (the solo pool
 that GPU workers use has no time limits); either way the job keeps its last epoch checkpoint, goes back
-to `queued` and is retried, and the retry resumes from that checkpoint.
+to `queued` and is retried, and the retry resumes from that checkpoint. The hard limit is Celery's on
+the prefork pool and the lease heartbeat's elsewhere (`leases.Heartbeat`): the job is marked failed and
+the stuck worker process is killed, to be restarted by its supervisor.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from worker.celery_app import celery_app
 logger = logging.getLogger(__name__)
 
 RUN_JOB = "rxverify.training.run_job"
+HARD_LIMIT_GRACE_S = 30.0
 MAX_TIME_LIMIT_RETRIES = 100  # each retry must have advanced by an epoch (checked), so this only caps
 
 
@@ -63,7 +66,11 @@ class JobTask(Task):  # type: ignore[misc]
         logger.info("training job %s claimed by %s (attempt %d)", job_id, lease.owner, claim.attempt)
         started = time.monotonic()
         deadline = started + self.settings.task_soft_time_limit_s
-        with leases.Heartbeat(self.database, lease) as heartbeat:
+        # The heartbeat's hard limit fires a little after Celery's own (prefork), so it only acts where
+        # the pool enforces none (solo, threads).
+        hard_deadline = started + self.settings.task_time_limit_s + HARD_LIMIT_GRACE_S
+        with leases.Heartbeat(self.database, lease, hard_deadline=hard_deadline,
+                              hard_limit_s=self.settings.task_time_limit_s) as heartbeat:
             try:
                 return self._attempt(job_id, lease=lease, heartbeat=heartbeat, started=started, deadline=deadline)
             except leases.LeaseLost:

@@ -101,3 +101,38 @@ def test_feedback_images_join_the_train_split_up_to_the_cutoff(tmp_path: Path, a
     assert added == [f"train/{CLASSES[2]}/feedback-{ids[0]}.jpg", f"train/{CLASSES[3]}/feedback-{ids[1]}.jpg"]
     assert len(list((root / "train").rglob("*.jpg"))) == 36 + 2
     assert len(list((root / "valid").rglob("*.jpg"))) == 12  # valid and test are the registered dataset's
+
+
+def test_a_stuck_attempt_hits_the_heartbeats_hard_limit(tmp_path: Path, assets_root: Path, task_settings: None,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The solo pool enforces no time limit: a training stuck past task_time_limit_s (here: one that ignores
+    its soft limit) is marked failed by its heartbeat, which then kills the worker process (faked here)."""
+    import threading
+    import time
+
+    from worker import leases, tasks, training
+
+    settings, _seeded = seeded_sqlite_settings(
+        assets_root, tiny_assets(assets_root / "tiny-assets"), tmp_path / "data", task_soft_time_limit_s=1,
+        task_time_limit_s=2, broker_visibility_timeout_s=3, training_lease_s=30)
+    job_id = _job(settings, JobRequest(method="baseline", dataset="tiny", hyperparameters={"epochs": 1}))
+    killed = threading.Event()
+    monkeypatch.setattr(leases, "kill_this_process", killed.set)
+    monkeypatch.setattr(tasks, "HARD_LIMIT_GRACE_S", 0.0)
+
+    def stuck(*, heartbeat: leases.Heartbeat, **_: object) -> None:
+        assert heartbeat.lost.wait(20), "the hard limit never fired"
+        raise leases.LeaseLost("killed")  # what the process would never get to do
+
+    monkeypatch.setattr(training, "run", stuck)
+    app = create_celery_app(settings.model_copy(update={"result_backend": "cache+memory://"}))
+    task = app.task(bind=True, base=JobTask, name=RUN_JOB)(run_training_job)
+    JobTask._database = None
+    started = time.monotonic()
+    result = task.apply(args=[job_id]).get()
+    assert killed.is_set() and 1.9 <= time.monotonic() - started < 15
+    assert result == {"job_id": job_id, "skipped": "lease lost"}
+    row = job_row(settings, job_id)
+    assert row["status"] == "failed" and "hard time limit" in row["error"] and row["lease_owner"] is None
+    # A redelivery of the same message (the broker's, after the kill) finds the job finished.
+    assert task.apply(args=[job_id]).get()["skipped"]
