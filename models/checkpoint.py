@@ -352,15 +352,16 @@ def with_updated_metadata(src_dir: str | Path, dst_dir: str | Path, *, validatio
                           **changes: Any) -> str:
     """Copy a checkpoint with some metadata fields replaced (e.g. temperature, decision); same weights.
 
-    `validation` (from `encode_validation_outputs`) replaces the validation outputs; without it those of
-    `src_dir`, if any, are carried over.
+    `validation` (from `encode_validation_outputs`) replaces the validation outputs. Without it those of
+    `src_dir`, if any, are carried over, unless the change makes them stale: a new temperature (they are
+    calibrated probabilities) or a new decision (they belong to the policy fitted on them).
     """
     weights = _read_weights(src_dir)
     metadata = dataclasses.replace(read_metadata(src_dir), **changes)
     overwrite = Path(src_dir).resolve() == Path(dst_dir).resolve()
     files = {WEIGHTS_FILE: weights, METADATA_FILE: metadata.to_json().encode()}
     carried = Path(src_dir) / VALIDATION_FILE
-    if validation is None and carried.is_file():
+    if validation is None and carried.is_file() and not {"temperature", "decision"} & set(changes):
         validation = carried.read_bytes()
     if validation is not None:
         files[VALIDATION_FILE] = validation

@@ -137,12 +137,16 @@ def kill_this_process() -> None:
 class Heartbeat:
     """A daemon thread renewing a lease every third of its TTL; `lost` is set once the lease is gone.
 
-    It is also the hard time limit where Celery enforces none (the solo pool GPU workers use, and the
-    threads pool): an attempt still running at `hard_deadline` (time.monotonic()) has stopped answering its
-    cooperative stop, e.g. stuck in a C call, and its heartbeat would keep its lease alive forever while
-    the worker takes no other job. The heartbeat then records the job as failed (while it still owns the
-    lease) and calls `on_hard_limit`, by default `kill_this_process` (SIGKILL). The broker's redelivery of
-    the unacknowledged message finds the job finished and does nothing.
+    It is also the hard time limit of the training phase where Celery enforces none (the solo pool GPU
+    workers use, and the threads pool). Training stops by itself at the soft limit; one still running at
+    `hard_deadline` (time.monotonic()) has stopped answering that cooperative stop, e.g. stuck in a C
+    call, and its heartbeat would keep the lease alive forever while the worker takes no other job. The
+    heartbeat then records the job as failed (if it still owns the lease) and calls `on_hard_limit`, by
+    default `kill_this_process` (SIGKILL: with the threads pool that also ends the process's other jobs,
+    which are redelivered and resume from their checkpoints). The broker's redelivery of the killed
+    job's unacknowledged message finds it finished and does nothing. A lost lease does not end the
+    watch: a stuck attempt must still go. `disarm()` ends it once training has returned (scoring and
+    registration then run unlimited), and an attempt that ends (`__exit__`) is never killed.
     """
 
     def __init__(self, database: Database, lease: Lease, *, hard_deadline: float | None = None,
@@ -162,38 +166,49 @@ class Heartbeat:
         self._stop.set()
         self._thread.join(timeout=10)
 
+    def disarm(self) -> None:
+        """No hard limit from now on (training has returned)."""
+        self.hard_deadline = None
+
     def _run(self) -> None:
         interval = self.lease.ttl_s / 3
-        while not self._stop.wait(self._wait_s(interval)):
-            if self.hard_deadline is not None and time.monotonic() >= self.hard_deadline:
+        while True:
+            deadline = self.hard_deadline
+            if self.lost.is_set() and deadline is None:
+                return  # no lease to renew and no limit to watch
+            wait = interval if deadline is None else max(0.0, min(interval, deadline - time.monotonic()))
+            if self._stop.wait(wait):
+                return
+            deadline = self.hard_deadline
+            if deadline is not None and time.monotonic() >= deadline:
                 self._hard_limit()
                 return
+            if self.lost.is_set():
+                continue
             try:
                 if not renew(self.database, self.lease):
                     logger.error("lost the lease on training job %s; stopping this attempt", self.lease.job_id)
                     self.lost.set()
-                    return
             except Exception:  # a database blip: try again next beat (the lease outlives two misses)
                 logger.exception("could not renew the lease on training job %s", self.lease.job_id)
 
-    def _wait_s(self, interval: float) -> float:
-        if self.hard_deadline is None:
-            return interval
-        return max(0.0, min(interval, self.hard_deadline - time.monotonic()))
-
     def _hard_limit(self) -> None:
-        limit = f"{self.hard_limit_s:g} s" if self.hard_limit_s is not None else "its"
-        message = (f"hard time limit: the attempt was still running after {limit} (RXVERIFY_TASK_TIME_LIMIT_S) "
-                   "without stopping at its soft limit, so its worker process was killed")
+        limit = f"{self.hard_limit_s:g} s" if self.hard_limit_s is not None else "its hard limit"
+        message = (f"hard time limit: the training was still running after {limit} (RXVERIFY_TASK_TIME_LIMIT_S "
+                   "plus a grace) without stopping at its soft limit, so its worker process was killed")
         logger.critical("training job %s: %s", self.lease.job_id, message)
-        try:
-            with self.database.session() as session:
-                finish(session, self.lease, status="failed", error=message, result={"hard_time_limit": True})
-        except LeaseLost:
-            logger.warning("training job %s: the lease was already lost; nothing recorded", self.lease.job_id)
-        except Exception:  # the kill must happen anyway: the lease then expires and the reaper requeues
-            logger.exception("training job %s: could not record the hard time limit", self.lease.job_id)
+        if not self.lost.is_set():
+            try:
+                with self.database.session() as session:
+                    finish(session, self.lease, status="failed", error=message, result={"hard_time_limit": True})
+            except LeaseLost:
+                logger.warning("training job %s: the lease was lost meanwhile; nothing recorded", self.lease.job_id)
+            except Exception:  # the kill must happen anyway: the lease then expires and the reaper requeues
+                logger.exception("training job %s: could not record the hard time limit", self.lease.job_id)
         self.lost.set()
+        if self._stop.is_set() or self.hard_deadline is None:
+            logger.warning("training job %s: the attempt ended meanwhile; not killed", self.lease.job_id)
+            return
         (self.on_hard_limit or kill_this_process)()
 
 

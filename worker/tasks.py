@@ -68,9 +68,9 @@ class JobTask(Task):  # type: ignore[misc]
         deadline = started + self.settings.task_soft_time_limit_s
         # The heartbeat's hard limit fires a little after Celery's own (prefork), so it only acts where
         # the pool enforces none (solo, threads).
-        hard_deadline = started + self.settings.task_time_limit_s + HARD_LIMIT_GRACE_S
-        with leases.Heartbeat(self.database, lease, hard_deadline=hard_deadline,
-                              hard_limit_s=self.settings.task_time_limit_s) as heartbeat:
+        hard_limit_s = self.settings.task_time_limit_s + HARD_LIMIT_GRACE_S
+        with leases.Heartbeat(self.database, lease, hard_deadline=started + hard_limit_s,
+                              hard_limit_s=hard_limit_s) as heartbeat:
             try:
                 return self._attempt(job_id, lease=lease, heartbeat=heartbeat, started=started, deadline=deadline)
             except leases.LeaseLost:
@@ -93,6 +93,7 @@ class JobTask(Task):  # type: ignore[misc]
         outcome, hooks, data_root, workdir = training.run(database=self.database, settings=self.settings,
                                                           spec=spec, lease=lease, heartbeat=heartbeat,
                                                           deadline=deadline)
+        heartbeat.disarm()  # training returned: scoring and registration are not "stuck training"
         if heartbeat.lost.is_set():
             raise leases.LeaseLost(f"training job {job_id} lost its lease")
         if outcome.stopped:

@@ -57,8 +57,10 @@ answer, for whatever reason, means the pharmacist must check the bottle.** A `mi
 product the photo most likely shows (`predicted_ndc`); `review` sends the bottle to a pharmacist.
 
 The verdict uses temperature-calibrated probabilities and the active cost matrix: the expected cost of
-accepting is `sum over y != prescribed of p(y) * cost(y, prescribed)`. Thresholds were fitted per model
-version on its validation split (no critical accept there, at the lowest review rate).
+accepting is `sum over y != prescribed of p(y) * cost(y, prescribed)`. Thresholds are fitted per model
+version on its validation split (no critical accept there, at the lowest review rate), and refitted for
+the active cost matrix when a pharmacist changes it (`accept_risk_threshold`,
+`policy_fitted_for_cost_matrix`).
 
 **Conformal guarantee** (`conformal_set`): {CONFORMAL_GUARANTEE}
 

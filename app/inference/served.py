@@ -15,7 +15,7 @@ from torch import nn
 
 from app.errors import DomainError
 from app.inference.images import ImageLimits, decode_image
-from models.checkpoint import CheckpointMetadata, load_checkpoint, read_validation_outputs
+from models.checkpoint import CheckpointError, CheckpointMetadata, load_checkpoint, read_validation_outputs
 from models.costs import CostMatrix
 from models.decision import Decision, VerdictPolicy, decide, refit_policy
 from models.evaluate import probabilities_from_outputs
@@ -60,9 +60,10 @@ class ServedModel:
 
         The stored policy was fitted for the job's cost matrix. When a pharmacist has since activated
         another one, the thresholds and conformal alphas are refitted for it on the stored validation
-        outputs (once per matrix, cached), so the risk and its threshold always speak of the same costs.
+        outputs, so the risk and its threshold speak of the same costs.
         A checkpoint without validation outputs keeps its stored policy, reported as not fitted for the
-        matrix (False). A model with no fitted policy never auto-accepts (`VerdictPolicy.review_only`).
+        matrix (False), and so does one whose refit fails (logged). Refits are cached per process, for the
+        last 8 matrices. A model with no fitted policy never auto-accepts (`VerdictPolicy.review_only`).
         """
         if self.policy is None:
             return VerdictPolicy.review_only(self.classes, critical_cost=critical_cost), False
@@ -80,9 +81,14 @@ class ServedModel:
                                self.version)
                 found = (self.policy, False)
             else:
-                found = (refit_policy(self.policy, *self.validation, cost_matrix=cost_matrix), True)
-                logger.info("model %s: verdict policy refitted for cost matrix %s (accept_risk %.6g -> %.6g)",
-                            self.version, key[:12], self.policy.accept_risk, found[0].accept_risk)
+                try:
+                    found = (refit_policy(self.policy, *self.validation, cost_matrix=cost_matrix), True)
+                    logger.info("model %s: verdict policy refitted for cost matrix %s (accept_risk %.6g -> %.6g)",
+                                self.version, key[:12], self.policy.accept_risk, found[0].accept_risk)
+                except (ValueError, KeyError, TypeError):  # cached too: one log line, not one per verdict
+                    logger.exception("model %s: refitting the verdict policy for cost matrix %s failed; "
+                                     "thresholds of the old costs are used", self.version, key[:12])
+                    found = (self.policy, False)
             while len(self._policies) >= _REFITS_KEPT:
                 self._policies.pop(next(iter(self._policies)))
             self._policies[key] = found
@@ -141,13 +147,41 @@ def load_served_model(checkpoint_dir: str | Path, *, version: str, device: torch
     policy = VerdictPolicy.from_dict(metadata.decision) if metadata.decision else None
     if policy is not None and policy.classes != metadata.classes:
         raise ModelLoadError(f"{checkpoint_dir}: the stored verdict policy names other classes than the model")
-    validation = read_validation_outputs(checkpoint_dir, expected_sha256=metadata.decision.get("validation_sha256"))
-    if validation is not None and validation[0].shape[1] != metadata.num_classes:
-        raise ModelLoadError(f"{checkpoint_dir}: the validation outputs have another class count than the model")
+    validation = _validation_outputs(checkpoint_dir, metadata, policy)
     preset = EvalPreset.from_metadata(metadata)
     preset(Image.new("RGB", (preset.image_size + 7, preset.image_size), (128, 128, 128)))  # first-call costs
     return ServedModel(model=loaded.model, metadata=metadata, preset=preset, version=version, device=device,
                        weights_sha256=loaded.weights_sha256, policy=policy, validation=validation)
+
+
+def _validation_outputs(checkpoint_dir: str | Path, metadata: CheckpointMetadata,
+                        policy: VerdictPolicy | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """The validation outputs the stored policy was fitted on, when they are there and check out.
+
+    Only the file whose SHA-256 the metadata records, with one row per validation image the policy
+    counted and labels among the model's classes, is used. Anything else is logged and ignored: the
+    model then serves with its stored policy, which is not refitted when the cost matrix changes.
+    """
+    expected = metadata.decision.get("validation_sha256")
+    if policy is None or not policy.accepts or not isinstance(expected, str):
+        return None
+    try:
+        validation = read_validation_outputs(checkpoint_dir, expected_sha256=expected)
+    except CheckpointError as error:
+        logger.error("%s: validation outputs unusable, the verdict policy will not be refitted: %s",
+                     checkpoint_dir, error)
+        return None
+    if validation is None:
+        logger.warning("%s: validation outputs missing; the verdict policy will not be refitted", checkpoint_dir)
+        return None
+    probs, labels = validation
+    k = metadata.num_classes
+    if (probs.shape[1] != k or probs.shape[0] != policy.report.get("n")
+            or (labels.size and (labels.min() < 0 or labels.max() >= k))):
+        logger.error("%s: validation outputs do not match the model and its policy; the verdict policy will "
+                     "not be refitted", checkpoint_dir)
+        return None
+    return probs, labels
 
 
 def forward_probabilities(served: ServedModel, tensors: Sequence[torch.Tensor], *, autocast: bool = True

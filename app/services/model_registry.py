@@ -29,6 +29,7 @@ from models.checkpoint import (
     WEIGHTS_FILE,
     CheckpointError,
     read_metadata,
+    read_validation_outputs,
     weights_sha256,
 )
 
@@ -100,6 +101,10 @@ def register_checkpoint(session: Session, *, source: str | Path, settings: Setti
     try:
         metadata = read_metadata(source)
         sha256 = weights_sha256(source)
+        # Optional, but when present it must be the file the metadata names (else every API replica would
+        # find out only when it loads the model).
+        if (source / VALIDATION_FILE).is_file():
+            read_validation_outputs(source, expected_sha256=metadata.decision.get("validation_sha256") or "missing")
     except CheckpointError as error:
         raise _invalid(str(error), code="invalid_checkpoint") from error
     existing = find_by_sha256(session, sha256)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from sqlalchemy import select
 
 from app.cli import main as cli_main
@@ -213,3 +214,25 @@ def test_an_idempotent_retry_is_replayed_even_without_a_model(seeded_sqlite_temp
     assert retry.status_code == 200 and retry.json() == first.json()
     fresh = post_verification(client, keys[Role.CLIENT], image=jpeg_photo(), headers={"Idempotency-Key": "retry-2"})
     assert fresh.status_code == 503 and fresh.json()["type"].endswith("/model-unavailable")
+
+
+def test_validation_outputs_are_checked_at_registration_and_a_bad_file_never_blocks_serving(
+        seeded_sqlite_template: Any, tmp_path: Path) -> None:
+    import shutil
+
+    from app.inference.served import load_served_model
+    from models.checkpoint import VALIDATION_FILE
+
+    template, _keys = seeded_sqlite_template
+    settings = served_settings(template, tmp_path / "data", checkpoint=None)
+    source = make_checkpoint(tmp_path / "good", seed=7)
+    assert _register(settings, source).id  # its file matches the recorded hash
+    assert load_served_model(source, version="good", device=torch.device("cpu")).validation is not None
+    bad = tmp_path / "bad"
+    shutil.copytree(source, bad)
+    (bad / VALIDATION_FILE).write_bytes(b"garbage")
+    with pytest.raises(InvalidInput, match="SHA-256"):
+        _register(settings, bad)
+    # Already on disk (say, damaged after registration): the model still serves, with its stored policy.
+    served = load_served_model(bad, version="bad", device=torch.device("cpu"))
+    assert served.validation is None and served.policy is not None and served.policy.accepts

@@ -243,11 +243,15 @@ def test_validation_outputs_travel_with_the_checkpoint_and_are_checked(tmp_path:
     read_probs, read_labels = read_validation_outputs(tmp_path / "b", expected_sha256=digest)  # type: ignore[misc]
     assert read_probs.dtype == np.float64 and np.array_equal(read_probs, probs.astype(np.float32).astype(np.float64))
     assert read_labels.tolist() == labels.tolist()
-    # Carried over by a metadata-only update, in place or to a new directory.
-    with_updated_metadata(tmp_path / "b", tmp_path / "c", temperature=1.5)
+    # Carried over by a metadata update that leaves them valid, in place or to a new directory...
+    with_updated_metadata(tmp_path / "b", tmp_path / "c", metrics={"note": 1})
     assert (tmp_path / "c" / VALIDATION_FILE).read_bytes() == data
-    with_updated_metadata(tmp_path / "c", tmp_path / "c", temperature=1.6)
+    with_updated_metadata(tmp_path / "c", tmp_path / "c", method="baseline")
     assert (tmp_path / "c" / VALIDATION_FILE).read_bytes() == data
+    # ...and dropped by one that makes them stale: other calibrated probabilities, another policy.
+    with_updated_metadata(tmp_path / "b", tmp_path / "t", temperature=1.5)
+    with_updated_metadata(tmp_path / "b", tmp_path / "d", decision={})
+    assert not (tmp_path / "t" / VALIDATION_FILE).exists() and not (tmp_path / "d" / VALIDATION_FILE).exists()
     with pytest.raises(CheckpointError, match="SHA-256"):
         read_validation_outputs(tmp_path / "b", expected_sha256="00" * 32)
     (tmp_path / "c" / VALIDATION_FILE).write_bytes(b"not safetensors")

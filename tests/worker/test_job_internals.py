@@ -136,3 +136,45 @@ def test_a_stuck_attempt_hits_the_heartbeats_hard_limit(tmp_path: Path, assets_r
     assert row["status"] == "failed" and "hard time limit" in row["error"] and row["lease_owner"] is None
     # A redelivery of the same message (the broker's, after the kill) finds the job finished.
     assert task.apply(args=[job_id]).get()["skipped"]
+
+
+def test_the_hard_limit_survives_a_lost_lease_and_spares_a_disarmed_or_finished_attempt(
+        tmp_path: Path, assets_root: Path) -> None:
+    import threading
+    import time
+
+    from worker import leases
+
+    settings, _seeded = seeded_sqlite_settings(assets_root, tiny_assets(assets_root / "tiny-assets"), tmp_path / "data")
+    database = Database(settings)
+
+    def attempt(index: int) -> tuple[leases.Heartbeat, threading.Event]:
+        job_id = _job(settings, JobRequest(method="baseline", dataset="tiny", seed=index,
+                                           hyperparameters={"epochs": 1}))
+        lease = leases.claim(database, job_id=job_id, ttl_s=0.6, task_id=f"t{index}").lease
+        assert lease is not None
+        killed = threading.Event()
+        return leases.Heartbeat(database, lease, hard_deadline=time.monotonic() + 1.0, hard_limit_s=1.0,
+                                on_hard_limit=killed.set), killed
+
+    try:
+        # Another worker took the lease over: nothing is recorded, but the stuck attempt is still killed.
+        beat, killed = attempt(1)
+        with beat:
+            with database.session() as session:
+                leases.update_owned(session, beat.lease, lease_owner="someone-else")
+            assert beat.lost.wait(5) and killed.wait(5)
+        row = job_row(settings, beat.lease.job_id)
+        assert row["status"] == "running" and row["lease_owner"] == "someone-else" and row["error"] is None
+        # Training returned (disarmed) or the attempt ended: no kill, and the job is not marked failed.
+        beat, killed = attempt(2)
+        with beat:
+            beat.disarm()
+            assert not killed.wait(1.5) and not beat.lost.is_set()
+        assert job_row(settings, beat.lease.job_id)["status"] == "running"
+        beat, killed = attempt(3)
+        with beat:
+            pass
+        assert not killed.wait(1.5)
+    finally:
+        database.dispose()
