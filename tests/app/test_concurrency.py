@@ -72,35 +72,20 @@ def test_racing_edits_of_one_parent_exactly_one_commits(db_settings: Settings,
         database.dispose()
 
 
-@pytest.mark.postgres
-def test_racing_first_versions_leave_one_root(pg_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
-    """On PostgreSQL the parent index treats NULLs as equal, so only one first version can exist."""
-    database = Database(pg_settings)
+def test_racing_first_versions_leave_one_root(db_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only one first version can exist. On PostgreSQL the parent index treats NULLs as equal; SQLite's
+    treats them as distinct, so there the service counts the roots after its insert (holding the write
+    lock) and rolls back a second one."""
+    database = Database(db_settings)
     try:
         with database.session() as session:
             session.add_all([Product(ndc=p.ndc, name=p.name, shape=p.shape, colour=p.colour, imprint=list(p.imprint),
                                      size_mm=p.size_mm) for p in PMI_PRODUCTS])
     finally:
         database.dispose()
-    outcomes = _race(pg_settings, monkeypatch, parent=None)
+    outcomes = _race(db_settings, monkeypatch, parent=None)
     assert sorted(outcomes) == ["stale"] * (WRITERS - 1) + ["won"]
-    assert count_rows(pg_settings, CostMatrixVersion) == 1
-
-
-def test_racing_first_versions_leave_one_root_on_sqlite(sqlite_settings: Settings,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """SQLite's unique index treats NULLs as distinct, so there the index cannot stop a second root: the
-    service counts the roots after its insert (holding the write lock) and rolls back a second one."""
-    database = Database(sqlite_settings)
-    try:
-        with database.session() as session:
-            session.add_all([Product(ndc=p.ndc, name=p.name, shape=p.shape, colour=p.colour, imprint=list(p.imprint),
-                                     size_mm=p.size_mm) for p in PMI_PRODUCTS])
-    finally:
-        database.dispose()
-    outcomes = _race(sqlite_settings, monkeypatch, parent=None)
-    assert sorted(outcomes) == ["stale"] * (WRITERS - 1) + ["won"]
-    assert count_rows(sqlite_settings, CostMatrixVersion) == 1
+    assert count_rows(db_settings, CostMatrixVersion) == 1
 
 
 def test_concurrent_http_edits_one_201_the_rest_409(any_env: ApiEnv) -> None:
