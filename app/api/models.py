@@ -21,8 +21,9 @@ from app.schemas.models import (
     PromoteRequest,
     PromotionRead,
     RollbackRequest,
+    VerdictPolicyRead,
 )
-from app.services import evaluation, promotion
+from app.services import evaluation, model_registry, promotion
 from app.services.model_follower import follower_of
 from app.services.model_registry import active_model_version, checkpoint_path
 
@@ -117,6 +118,20 @@ def get_model(model_version_id: int, _actor: PharmacistActor, session: SessionDe
         **summary, "metrics": version.metrics or {}, "decision": version.decision or {},
         "checkpoint_path": str(checkpoint_path(settings, version)),
         "promotions": [promotion_read(entry) for entry in entries]})
+
+
+@router.get("/{model_version_id}/policy", response_model=VerdictPolicyRead)
+def get_policy(model_version_id: int, _actor: PharmacistActor, session: SessionDep, settings: SettingsDep,
+               cost_matrix_version: Annotated[int | None, Query(ge=1, description="Default: the active one.")] = None,
+               ) -> VerdictPolicyRead:
+    """The version's verdict thresholds under a cost-matrix version, refitted if it was fitted for another.
+
+    What verdicts from this model use under those costs: a pharmacist can read what an edited (not yet
+    activated) cost-matrix version would do to the accept threshold, the per-product miss rates and the
+    review rates on validation before activating it.
+    """
+    return VerdictPolicyRead.model_validate(model_registry.policy_under(
+        session, settings, model_version_id=model_version_id, cost_matrix_version=cost_matrix_version))
 
 
 @router.post("/{model_version_id}/promote", response_model=ActiveModel, responses=problem_responses(409))

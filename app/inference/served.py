@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,39 +57,21 @@ class ServedModel:
     _policies_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def policy_for(self, cost_matrix: CostMatrix, *, critical_cost: float) -> tuple[VerdictPolicy, bool]:
-        """The verdict policy for a cost matrix over this model's classes, and whether it was fitted for it.
+        """`policy_for_costs` for this model, with refits cached per process for the last 8 matrices.
 
         The stored policy was fitted for the job's cost matrix. When a pharmacist has since activated
         another one, the thresholds and conformal alphas are refitted for it on the stored validation
         outputs, so the risk and its threshold speak of the same costs.
-        A checkpoint without validation outputs keeps its stored policy, reported as not fitted for the
-        matrix (False), and so does one whose refit fails (logged). Refits are cached per process, for the
-        last 8 matrices. A model with no fitted policy never auto-accepts (`VerdictPolicy.review_only`).
         """
-        if self.policy is None:
-            return VerdictPolicy.review_only(self.classes, critical_cost=critical_cost), False
-        if not self.policy.accepts:  # stored review-only (validation too small to fit): nothing to refit
-            return self.policy, False
         key = cost_matrix.fingerprint()
-        if self.policy.report.get("cost_matrix_sha256") == key:
-            return self.policy, True
+        if self.policy is None or not self.policy.accepts or self.policy.report.get("cost_matrix_sha256") == key:
+            return policy_for_costs(self.policy, self.validation, cost_matrix, classes=self.classes,
+                                    critical_cost=critical_cost, label=self.version)
         with self._policies_lock:
             if key in self._policies:
                 return self._policies[key]
-            if self.validation is None:
-                logger.warning("model %s: its verdict policy was fitted for another cost matrix and the checkpoint "
-                               "holds no validation outputs to refit it; thresholds of the old costs are used",
-                               self.version)
-                found = (self.policy, False)
-            else:
-                try:
-                    found = (refit_policy(self.policy, *self.validation, cost_matrix=cost_matrix), True)
-                    logger.info("model %s: verdict policy refitted for cost matrix %s (accept_risk %.6g -> %.6g)",
-                                self.version, key[:12], self.policy.accept_risk, found[0].accept_risk)
-                except (ValueError, KeyError, TypeError):  # cached too: one log line, not one per verdict
-                    logger.exception("model %s: refitting the verdict policy for cost matrix %s failed; "
-                                     "thresholds of the old costs are used", self.version, key[:12])
-                    found = (self.policy, False)
+            found = policy_for_costs(self.policy, self.validation, cost_matrix, classes=self.classes,
+                                     critical_cost=critical_cost, label=self.version)
             while len(self._policies) >= _REFITS_KEPT:
                 self._policies.pop(next(iter(self._policies)))
             self._policies[key] = found
@@ -140,6 +123,37 @@ class Prediction:
         return decision, fitted
 
 
+def policy_for_costs(policy: VerdictPolicy | None, validation: tuple[np.ndarray, np.ndarray] | None,
+                     cost_matrix: CostMatrix, *, classes: tuple[str, ...], critical_cost: float,
+                     label: str) -> tuple[VerdictPolicy, bool]:
+    """A model's verdict policy for `cost_matrix` (over `classes`), and whether it was fitted for it.
+
+    The stored `policy` when it was fitted for these costs; else refitted on the stored `validation`
+    outputs; else (none stored, or the refit failed: logged) the stored policy, marked False. No stored
+    policy, or a review-only one, gives a policy that never auto-accepts.
+    """
+    if policy is None:
+        return VerdictPolicy.review_only(classes, critical_cost=critical_cost), False
+    if not policy.accepts:  # stored review-only (validation too small to fit): nothing to refit
+        return policy, False
+    key = cost_matrix.fingerprint()
+    if policy.report.get("cost_matrix_sha256") == key:
+        return policy, True
+    if validation is None:
+        logger.warning("model %s: its verdict policy was fitted for another cost matrix and the checkpoint holds "
+                       "no usable validation outputs to refit it; thresholds of the old costs are used", label)
+        return policy, False
+    try:
+        refitted = refit_policy(policy, *validation, cost_matrix=cost_matrix)
+    except (ValueError, KeyError, TypeError):
+        logger.exception("model %s: refitting the verdict policy for cost matrix %s failed; thresholds of the "
+                         "old costs are used", label, key[:12])
+        return policy, False
+    logger.info("model %s: verdict policy refitted for cost matrix %s (accept_risk %.6g -> %.6g)",
+                label, key[:12], policy.accept_risk, refitted.accept_risk)
+    return refitted, True
+
+
 def load_served_model(checkpoint_dir: str | Path, *, version: str, device: torch.device) -> ServedModel:
     """Load a checkpoint into a bundle (blocking: run it in a thread)."""
     loaded = load_checkpoint(checkpoint_dir, device=device)
@@ -147,22 +161,23 @@ def load_served_model(checkpoint_dir: str | Path, *, version: str, device: torch
     policy = VerdictPolicy.from_dict(metadata.decision) if metadata.decision else None
     if policy is not None and policy.classes != metadata.classes:
         raise ModelLoadError(f"{checkpoint_dir}: the stored verdict policy names other classes than the model")
-    validation = _validation_outputs(checkpoint_dir, metadata, policy)
+    validation = validation_outputs(checkpoint_dir, metadata.decision, num_classes=metadata.num_classes,
+                                    policy=policy)
     preset = EvalPreset.from_metadata(metadata)
     preset(Image.new("RGB", (preset.image_size + 7, preset.image_size), (128, 128, 128)))  # first-call costs
     return ServedModel(model=loaded.model, metadata=metadata, preset=preset, version=version, device=device,
                        weights_sha256=loaded.weights_sha256, policy=policy, validation=validation)
 
 
-def _validation_outputs(checkpoint_dir: str | Path, metadata: CheckpointMetadata,
-                        policy: VerdictPolicy | None) -> tuple[np.ndarray, np.ndarray] | None:
+def validation_outputs(checkpoint_dir: str | Path, decision: Mapping[str, Any], *, num_classes: int,
+                       policy: VerdictPolicy | None) -> tuple[np.ndarray, np.ndarray] | None:
     """The validation outputs the stored policy was fitted on, when they are there and check out.
 
     Only the file whose SHA-256 the metadata records, with one row per validation image the policy
     counted and labels among the model's classes, is used. Anything else is logged and ignored: the
     model then serves with its stored policy, which is not refitted when the cost matrix changes.
     """
-    expected = metadata.decision.get("validation_sha256")
+    expected = decision.get("validation_sha256")
     if policy is None or not policy.accepts or not isinstance(expected, str):
         return None
     try:
@@ -175,7 +190,7 @@ def _validation_outputs(checkpoint_dir: str | Path, metadata: CheckpointMetadata
         logger.warning("%s: validation outputs missing; the verdict policy will not be refitted", checkpoint_dir)
         return None
     probs, labels = validation
-    k = metadata.num_classes
+    k = num_classes
     if (probs.shape[1] != k or probs.shape[0] != policy.report.get("n")
             or (labels.size and (labels.min() < 0 or labels.max() >= k))):
         logger.error("%s: validation outputs do not match the model and its policy; the verdict policy will "

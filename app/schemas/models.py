@@ -88,3 +88,19 @@ class ActiveModel(BaseModel):
 
     active_model_version: int
     promotion: PromotionRead
+
+
+class VerdictPolicyRead(BaseModel):
+    """A model version's verdict policy under one cost-matrix version (refitted when it was fitted for another)."""
+
+    model_version: int
+    cost_matrix_version: int
+    fitted_for_cost_matrix: bool = Field(description="False when the model has no fitted policy, or its policy "
+                                                     "was fitted for other costs and cannot be refitted.")
+    refitted: bool = Field(description="True when these thresholds were refitted for this cost matrix on the "
+                                       "model's validation outputs (not the ones stored at registration).")
+    accept_risk: float = Field(description="A `match` needs an expected accept cost at most this.")
+    mismatch_probability: float
+    critical_cost: float
+    miss_rates: dict[str, float] = Field(description="Conformal miss rate alpha per product NDC.")
+    report: dict[str, Any] = Field(description="The fit on validation: review rates, critical accepts, coverage.")

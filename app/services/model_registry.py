@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -160,3 +161,30 @@ def register_and_activate(session: Session, *, source: str | Path, settings: Set
     """`rxverify serve --model`: register the checkpoint if new, then make it the active version."""
     version = register_checkpoint(session, source=source, settings=settings, actor=actor)
     return activate_model(session, model_version_id=version.id, actor=actor, reason=reason)
+
+
+def policy_under(session: Session, settings: Settings, *, model_version_id: int,
+                 cost_matrix_version: int | None) -> dict[str, Any]:
+    """A version's verdict policy under a cost-matrix version (default: the active one), as the API serves it.
+
+    Lets a pharmacist see what a cost edit would do to the thresholds and review rates before activating it.
+    """
+    from app.inference.served import policy_for_costs, validation_outputs
+    from app.services.cost_matrices import cost_matrix_of, get_version
+    from models.decision import VerdictPolicy
+
+    version = session.get(ModelVersion, model_version_id)
+    if version is None:
+        raise NotFound(f"model version {model_version_id} does not exist", slug="model-version-not-found")
+    matrix_version = get_version(session, "active" if cost_matrix_version is None else cost_matrix_version)
+    classes = tuple(version.classes)
+    costs = cost_matrix_of(session, matrix_version.id, classes=classes)
+    stored = VerdictPolicy.from_dict(version.decision) if version.decision else None
+    validation = validation_outputs(checkpoint_path(settings, version), version.decision or {},
+                                    num_classes=len(classes), policy=stored)
+    policy, fitted = policy_for_costs(stored, validation, costs, classes=classes,
+                                      critical_cost=settings.critical_cost_threshold, label=str(version.id))
+    return {"model_version": version.id, "cost_matrix_version": matrix_version.id, "fitted_for_cost_matrix": fitted,
+            "refitted": fitted and policy is not stored, "accept_risk": policy.accept_risk,
+            "mismatch_probability": policy.mismatch_probability, "critical_cost": policy.critical_cost,
+            "miss_rates": dict(zip(classes, policy.alpha, strict=True)), "report": policy.report}

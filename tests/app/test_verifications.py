@@ -180,3 +180,41 @@ def test_a_checkpoint_without_validation_outputs_says_its_thresholds_are_for_oth
     after = post_verification(env.client, keys[Role.CLIENT], image=jpeg_photo(), ndc=FAVOURITE).json()
     assert after["policy_fitted_for_cost_matrix"] is False
     assert after["accept_risk_threshold"] == before["accept_risk_threshold"]
+
+
+def test_a_pharmacist_reads_the_thresholds_a_cost_edit_would_bring_before_activating_it(
+        served: ApiEnv, checkpoint_root: Path) -> None:
+    from models.checkpoint import read_metadata
+    from models.decision import VerdictPolicy, refit_policy
+    from tests.app.model_factory import SERVED_CLASSES, expert_costs, simulated_validation
+
+    stored = VerdictPolicy.from_dict(read_metadata(cached_checkpoint(checkpoint_root)).decision)
+    pharmacist = served.as_role("pharmacist")
+    now = served.client.get("/v1/admin/models/1/policy", headers=pharmacist)
+    assert now.status_code == 200, now.text
+    body = now.json()
+    assert (body["model_version"], body["cost_matrix_version"]) == (1, 1)
+    assert body["fitted_for_cost_matrix"] is True and body["refitted"] is False
+    glip = SERVED_CLASSES.index(GLIP)
+    assert body["accept_risk"] == stored.accept_risk and body["miss_rates"][GLIP] == stored.alpha[glip]
+    created = served.client.post("/v1/admin/cost-matrices", json=edit(1, change(GLIP, FAVOURITE, 40)), headers=pharmacist)
+    assert created.status_code == 201
+    what_if = served.client.get("/v1/admin/models/1/policy", params={"cost_matrix_version": 2}, headers=pharmacist)
+    assert what_if.status_code == 200, what_if.text
+    body = what_if.json()
+    new_costs = CostMatrix.from_pairs(SERVED_CLASSES, {**{(t, p): c for t, p, c in expert_costs(SERVED_CLASSES).entries()
+                                                         if c != 1.0}, (GLIP, FAVOURITE): 40.0})
+    expected = refit_policy(stored, *simulated_validation(SERVED_CLASSES), cost_matrix=new_costs)
+    assert body["cost_matrix_version"] == 2 and body["refitted"] is True and body["fitted_for_cost_matrix"] is True
+    assert body["accept_risk"] == expected.accept_risk != stored.accept_risk
+    assert body["miss_rates"] == dict(zip(SERVED_CLASSES, expected.alpha, strict=True))
+    assert body["report"]["cost_matrix_sha256"] == new_costs.fingerprint()
+    # Nothing was activated: verdicts still use version 1.
+    verdict = post_verification(served.client, served.keys[Role.CLIENT], image=jpeg_photo(), ndc=FAVOURITE).json()
+    assert verdict["cost_matrix_version"] == 1 and verdict["accept_risk_threshold"] == stored.accept_risk
+    for path, params, status in (("/v1/admin/models/1/policy", {"cost_matrix_version": 99}, 404),
+                                 ("/v1/admin/models/99/policy", {}, 404),
+                                 ("/v1/admin/models/1/policy", {"cost_matrix_version": 0}, 422)):
+        answer = served.client.get(path, params=params, headers=pharmacist)
+        assert answer.status_code == status and answer.headers["content-type"] == "application/problem+json"
+    assert served.client.get("/v1/admin/models/1/policy", headers=served.as_role("client")).status_code == 403
