@@ -67,6 +67,9 @@ logger = logging.getLogger(__name__)
 DATASETS: tuple[str, ...] = ("toy", "digits", "synthetic-pills", "pmi")
 # "bayes" is the post-hoc Bayes decision on the baseline model; the others fine-tune from it.
 DEFAULT_METHODS: tuple[str, ...] = ("baseline", "bayes", "csada", "penalty", "ap", "sosr", "reweight")
+# Opt-in: the same post-hoc Bayes decision on the chosen CSADA model (what the service's expected-cost
+# verdict builds on), to see whether the two are complementary. It needs "csada" earlier in the list.
+ALL_METHODS: tuple[str, ...] = (*DEFAULT_METHODS, "csada+bayes")
 FINETUNE_METHODS: tuple[str, ...] = ("baseline", "csada", "penalty", "ap", "sosr", "reweight")
 
 

@@ -34,6 +34,7 @@ from models.evaluate import (
     predictions_from_outputs,
 )
 from models.experiment_setups import (
+    ALL_METHODS,
     DEFAULT_METHODS,
     GridPoint,
     Recipe,
@@ -54,6 +55,7 @@ SELECTION_RULE = (
     "earlier (gentler) grid point; when none qualifies, the most accurate one on validation"
 )
 AUTO_PAIR = "auto"
+CSADA_BAYES = "csada+bayes"
 
 
 @dataclass(frozen=True)
@@ -75,9 +77,12 @@ class ExperimentConfig:
     accuracy_tolerance: float = ACCURACY_TOLERANCE
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.methods) - set(DEFAULT_METHODS))
+        unknown = sorted(set(self.methods) - set(ALL_METHODS))
         if unknown:
-            raise ValueError(f"unknown methods {unknown}; choose from {', '.join(DEFAULT_METHODS)}")
+            raise ValueError(f"unknown methods {unknown}; choose from {', '.join(ALL_METHODS)}")
+        if CSADA_BAYES in self.methods and ("csada" not in self.methods
+                                            or self.methods.index("csada") > self.methods.index(CSADA_BAYES)):
+            raise ValueError(f"{CSADA_BAYES} decides on the chosen CSADA model: list csada before it")
         if self.seeds < 1:
             raise ValueError("seeds must be >= 1")
         if self.cost_matrix is not None and self.critical_pair is not None:
@@ -109,6 +114,7 @@ class MethodRun:
     candidates: list[dict[str, Any]]
     time_s: float
     fit: dict[str, Any] = field(default_factory=dict)
+    model: nn.Module | None = field(default=None, repr=False)  # the chosen fine-tuned model (not serialised)
 
 
 @dataclass
@@ -233,8 +239,8 @@ Predictor = Callable[[str], tuple[torch.Tensor, torch.Tensor]]
 
 def _candidate(method: str, point: GridPoint, *, base: nn.Module, valid_logits: tuple[torch.Tensor, torch.Tensor],
                recipe: Recipe, splits: DataSplits, cost_matrix: CostMatrix, seed: int,
-               evaluator: _Evaluator) -> tuple[Predictor, dict[str, Any]]:
-    """Train (or, for bayes, calibrate) one grid point; returns split -> (predictions, labels)."""
+               evaluator: _Evaluator) -> tuple[Predictor, dict[str, Any], nn.Module | None]:
+    """Train (or, for bayes, calibrate) one grid point: split -> (predictions, labels), info, the new model."""
     if method == "bayes":
         logits, labels = valid_logits
         temperature = fit_temperature(logits, labels) if point.options.get("temperature") == "fitted" else 1.0
@@ -244,7 +250,7 @@ def _candidate(method: str, point: GridPoint, *, base: nn.Module, valid_logits: 
             probs = torch.softmax(outputs / temperature, dim=1)
             return torch.as_tensor(bayes_decision(probs, cost_matrix)), targets
 
-        return bayes, {"temperature": temperature}
+        return bayes, {"temperature": temperature}, None
     model, kind, info = _finetune(method, point, base=base, recipe=recipe, splits=splits,
                                   cost_matrix=cost_matrix, seed=seed, device=evaluator.device)
 
@@ -252,7 +258,7 @@ def _candidate(method: str, point: GridPoint, *, base: nn.Module, valid_logits: 
         outputs, targets = evaluator.outputs(model, split)
         return predictions_from_outputs(outputs, kind), targets
 
-    return argbest, info
+    return argbest, info, model
 
 
 def _run_method(method: str, *, base: nn.Module, valid_logits: tuple[torch.Tensor, torch.Tensor],
@@ -265,9 +271,11 @@ def _run_method(method: str, *, base: nn.Module, valid_logits: tuple[torch.Tenso
     predictors: list[Predictor] = []
     infos: list[dict[str, Any]] = []
     valids: list[dict[str, Any]] = []
+    models: list[nn.Module | None] = []
     for index, point in enumerate(grid):
-        predict, info = _candidate(method, point, base=base, valid_logits=valid_logits, recipe=recipe,
-                                   splits=splits, cost_matrix=cost_matrix, seed=seed, evaluator=evaluator)
+        predict, info, model = _candidate(method, point, base=base, valid_logits=valid_logits, recipe=recipe,
+                                          splits=splits, cost_matrix=cost_matrix, seed=seed, evaluator=evaluator)
+        models.append(model)
         valid = _report(*predict("valid"), cost_matrix)
         scores.append(CandidateScore(index=index, valid_cost=valid["total_cost"], valid_accuracy=valid["accuracy"]))
         records.append({"label": point.label(), "grid_point": point.to_dict(),
@@ -279,7 +287,7 @@ def _run_method(method: str, *, base: nn.Module, valid_logits: tuple[torch.Tenso
     # The test split is read here, once, for the chosen grid point only.
     test = _report(*predictors[chosen]("test"), cost_matrix)
     return MethodRun(method=method, seed=seed, chosen=grid[chosen], test=test, valid=valids[chosen],
-                     candidates=records, time_s=time.monotonic() - started, fit=infos[chosen])
+                     candidates=records, time_s=time.monotonic() - started, fit=infos[chosen], model=models[chosen])
 
 
 def run_experiment(config: ExperimentConfig, *, recipe: Recipe | None = None,
@@ -314,14 +322,26 @@ def run_experiment(config: ExperimentConfig, *, recipe: Recipe | None = None,
             f"costs: {source}")
         runs: dict[str, MethodRun] = {}
         for method in config.methods:
-            run = _run_method(method, base=base, valid_logits=valid_logits,
-                              reference_accuracy=reference["accuracy"], recipe=recipe, splits=splits,
-                              cost_matrix=cost_matrix, seed=seed, evaluator=evaluator,
-                              tolerance=config.accuracy_tolerance)
+            if method == CSADA_BAYES:
+                # The post-hoc decision (its grid and selection) on the chosen CSADA model instead of the baseline.
+                csada = runs["csada"].model
+                assert csada is not None
+                run = _run_method("bayes", base=csada, valid_logits=evaluator.outputs(csada, "valid"),
+                                  reference_accuracy=reference["accuracy"], recipe=recipe, splits=splits,
+                                  cost_matrix=cost_matrix, seed=seed, evaluator=evaluator,
+                                  tolerance=config.accuracy_tolerance)
+                run.method = method
+            else:
+                run = _run_method(method, base=base, valid_logits=valid_logits,
+                                  reference_accuracy=reference["accuracy"], recipe=recipe, splits=splits,
+                                  cost_matrix=cost_matrix, seed=seed, evaluator=evaluator,
+                                  tolerance=config.accuracy_tolerance)
             runs[method] = run
             say(f"seed {seed}: {method:9s} [{run.chosen.label()}] valid cost {run.valid['total_cost']:.2f}, "
                 f"test cost {run.test['total_cost']:.2f}, test accuracy {100 * run.test['accuracy']:.2f}% "
                 f"({run.time_s:.1f}s)")
+        for run in runs.values():
+            run.model = None  # only csada+bayes needs one, within its seed; a PMI-size model is ~85 MB each
         seeds.append(SeedRun(seed=seed, cost_matrix=cost_matrix, cost_source=source, baseline_model=base_info,
                              runs=runs, time_s=time.monotonic() - seed_started))
     return ExperimentResult(config=config, recipe=recipe, seeds=seeds, elapsed_s=time.monotonic() - started,

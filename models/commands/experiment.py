@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-DATASETS = ("toy", "digits", "synthetic-pills", "pmi")
-METHODS = ("baseline", "bayes", "csada", "penalty", "ap", "sosr", "reweight")
+from models.experiment_setups import ALL_METHODS as METHODS
+from models.experiment_setups import DATASETS, DEFAULT_METHODS
 
 
 def _methods(value: str) -> tuple[str, ...]:
@@ -38,8 +38,9 @@ def register(sub: Any) -> None:
                     "budget, choose each method's hyperparameters on the validation split only, and print "
                     "mean(std) over seeds of the test metrics.")
     parser.add_argument("dataset", choices=DATASETS)
-    parser.add_argument("--methods", type=_methods, default=METHODS, metavar="LIST",
-                        help=f"comma list from {','.join(METHODS)} (default: all)")
+    parser.add_argument("--methods", type=_methods, default=DEFAULT_METHODS, metavar="LIST",
+                        help=f"comma list from {','.join(METHODS)} (default: all but csada+bayes, the "
+                             "Bayes decision on the chosen CSADA model)")
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
     parser.add_argument("--seed-offset", type=int, default=0, help="first seed (default 0)")
     parser.add_argument("--cost-seed-offset", type=int, default=0,

@@ -101,6 +101,47 @@ def test_selection_never_reads_test_labels() -> None:
     assert plain.seeds[0].runs["csada"].test["accuracy"] != shuffled.seeds[0].runs["csada"].test["accuracy"]
 
 
+def test_csada_plus_bayes_decides_on_the_chosen_csada_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The opt-in row is the post-hoc Bayes decision (its own grid, chosen on validation) on CSADA's model."""
+    from models.evaluate import bayes_decision, collect_outputs
+
+    with pytest.raises(ValueError, match="csada before"):
+        ExperimentConfig(dataset="digits", methods=("baseline", "csada+bayes", "csada"))
+    with pytest.raises(ValueError, match="csada before"):
+        ExperimentConfig(dataset="digits", methods=("baseline", "csada+bayes"))
+    config = ExperimentConfig(dataset="digits", seeds=1, device="cpu", methods=("baseline", "csada", "csada+bayes"))
+    captured: dict[str, torch.nn.Module] = {}
+    import models.experiments as experiments_module
+
+    real = experiments_module._run_method
+
+    def spy(method: str, **kwargs: object) -> experiments_module.MethodRun:
+        run = real(method, **kwargs)  # type: ignore[arg-type]
+        if method == "csada":
+            assert run.model is not None
+            captured["csada"] = run.model
+        return run
+
+    monkeypatch.setattr(experiments_module, "_run_method", spy)
+    result = run_experiment(config, recipe=_tiny("digits"))
+    runs = result.seeds[0].runs
+    both = runs["csada+bayes"]
+    assert both.method == "csada+bayes" and len(both.candidates) == 2 and both.model is None
+    assert all(run.model is None for run in runs.values())  # released once the seed is done
+    # Recompute the chosen decision on test from the CSADA model itself.
+    splits = load_digits_splits(seed=0)
+    outputs, labels = collect_outputs(captured["csada"], torch.utils.data.DataLoader(splits.test, batch_size=512),
+                                      device="cpu")
+    temperature = both.fit["temperature"]
+    predictions = torch.as_tensor(bayes_decision(torch.softmax(outputs / temperature, dim=1), result.seeds[0].cost_matrix))
+    assert both.test["accuracy"] == pytest.approx(float((predictions == labels).double().mean()))
+    assert "csada+bayes" in format_report(result) and "csada+bayes" in to_json(result)["results"]
+    parser = argparse.ArgumentParser()
+    experiment_command.register(parser.add_subparsers())
+    assert parser.parse_args(["experiment", "digits", "--methods", "csada,csada+bayes"]).methods == ("csada", "csada+bayes")
+    assert "csada+bayes" not in parser.parse_args(["experiment", "digits"]).methods  # opt-in
+
+
 def test_highlighted_pairs() -> None:
     classes = ("a", "b", "c")
     assert highlighted_pairs(CostMatrix.single_pair(classes, "a", "c")) == [("a", "c", 1.0)]
