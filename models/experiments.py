@@ -322,20 +322,16 @@ def run_experiment(config: ExperimentConfig, *, recipe: Recipe | None = None,
             f"costs: {source}")
         runs: dict[str, MethodRun] = {}
         for method in config.methods:
+            name, model, logits = method, base, valid_logits
             if method == CSADA_BAYES:
                 # The post-hoc decision (its grid and selection) on the chosen CSADA model instead of the baseline.
-                csada = runs["csada"].model
-                assert csada is not None
-                run = _run_method("bayes", base=csada, valid_logits=evaluator.outputs(csada, "valid"),
-                                  reference_accuracy=reference["accuracy"], recipe=recipe, splits=splits,
-                                  cost_matrix=cost_matrix, seed=seed, evaluator=evaluator,
-                                  tolerance=config.accuracy_tolerance)
-                run.method = method
-            else:
-                run = _run_method(method, base=base, valid_logits=valid_logits,
-                                  reference_accuracy=reference["accuracy"], recipe=recipe, splits=splits,
-                                  cost_matrix=cost_matrix, seed=seed, evaluator=evaluator,
-                                  tolerance=config.accuracy_tolerance)
+                chosen = runs["csada"].model
+                assert chosen is not None
+                name, model, logits = "bayes", chosen, evaluator.outputs(chosen, "valid")
+            run = _run_method(name, base=model, valid_logits=logits, reference_accuracy=reference["accuracy"],
+                              recipe=recipe, splits=splits, cost_matrix=cost_matrix, seed=seed,
+                              evaluator=evaluator, tolerance=config.accuracy_tolerance)
+            run.method = method
             runs[method] = run
             say(f"seed {seed}: {method:9s} [{run.chosen.label()}] valid cost {run.valid['total_cost']:.2f}, "
                 f"test cost {run.test['total_cost']:.2f}, test accuracy {100 * run.test['accuracy']:.2f}% "
