@@ -57,16 +57,13 @@ class ServedModel:
     _policies_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def policy_for(self, cost_matrix: CostMatrix, *, critical_cost: float) -> tuple[VerdictPolicy, bool]:
-        """`policy_for_costs` for this model, with refits cached per process for the last 8 matrices.
+        """`policy_for_costs` for this model, cached per process for the last 8 cost matrices.
 
         The stored policy was fitted for the job's cost matrix. When a pharmacist has since activated
         another one, the thresholds and conformal alphas are refitted for it on the stored validation
         outputs, so the risk and its threshold speak of the same costs.
         """
         key = cost_matrix.fingerprint()
-        if self.policy is None or not self.policy.accepts or self.policy.report.get("cost_matrix_sha256") == key:
-            return policy_for_costs(self.policy, self.validation, cost_matrix, classes=self.classes,
-                                    critical_cost=critical_cost, label=self.version)
         with self._policies_lock:
             if key in self._policies:
                 return self._policies[key]
