@@ -352,12 +352,17 @@ def with_updated_metadata(src_dir: str | Path, dst_dir: str | Path, *, validatio
                           **changes: Any) -> str:
     """Copy a checkpoint with some metadata fields replaced (e.g. temperature, decision); same weights.
 
-    `validation` (from `encode_validation_outputs`) replaces the validation outputs. Without it those of
-    `src_dir`, if any, are carried over, unless the change makes them stale: a new temperature (they are
-    calibrated probabilities) or a new decision (they belong to the policy fitted on them).
+    `validation` (from `encode_validation_outputs`) replaces the validation outputs, and its SHA-256 is
+    recorded as `decision.validation_sha256`. Without it those of `src_dir`, if any, are carried over,
+    unless the change makes them stale: a new temperature (they are calibrated probabilities) or a new
+    decision (they belong to the policy fitted on them).
     """
     weights = _read_weights(src_dir)
-    metadata = dataclasses.replace(read_metadata(src_dir), **changes)
+    source = read_metadata(src_dir)
+    if validation is not None:
+        decision = changes.get("decision", source.decision)
+        changes["decision"] = {**decision, "validation_sha256": hashlib.sha256(validation).hexdigest()}
+    metadata = dataclasses.replace(source, **changes)
     overwrite = Path(src_dir).resolve() == Path(dst_dir).resolve()
     files = {WEIGHTS_FILE: weights, METADATA_FILE: metadata.to_json().encode()}
     carried = Path(src_dir) / VALIDATION_FILE

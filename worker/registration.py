@@ -10,7 +10,6 @@ nothing. The "model promoted" notification goes out after that commit.
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import shutil
 import subprocess
@@ -92,12 +91,11 @@ def finalise_checkpoint(checkpoint: Path, final: Path, *, data_root: Path, cost_
     decision = fit_verdict_policy(candidate["valid"], classes=read_metadata(checkpoint).classes,
                                   cost_matrix=cost_matrix, critical_cost=settings.critical_cost_threshold, seed=seed)
     validation = encode_validation_outputs(candidate["valid"].probs, candidate["valid"].labels)
-    decision["validation_sha256"] = hashlib.sha256(validation).hexdigest()
     # An earlier attempt may have died after writing `final` and before the commit: it is derived from this
     # attempt's checkpoint, so rebuild it rather than fail on a non-empty directory.
     shutil.rmtree(final, ignore_errors=True)
-    with_updated_metadata(checkpoint, final, decision=decision, validation=validation)
-    return candidate, decision
+    with_updated_metadata(checkpoint, final, decision=decision, validation=validation)  # records its hash
+    return candidate, read_metadata(final).decision
 
 
 def register_and_finish(*, database: Database, settings: Settings, spec: JobSpec, lease: Lease, hooks: Hooks,

@@ -9,7 +9,6 @@ leave out one catalog product (`NOT_SERVED`), to test a product the model does n
 
 from __future__ import annotations
 
-import hashlib
 import io
 import math
 import shutil
@@ -87,7 +86,6 @@ def make_checkpoint(directory: Path, *, classes: Sequence[str] = SERVED_CLASSES,
         decision = policy.to_dict()
         if store_validation:  # what worker.registration stores, so that the API can refit the policy
             validation = encode_validation_outputs(probs, labels)
-            decision["validation_sha256"] = hashlib.sha256(validation).hexdigest()
     metadata = CheckpointMetadata(classes=classes, arch=arch, in_channels=3, image_size=image_size,
                                   mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), method="baseline",
                                   decision=decision)

@@ -252,6 +252,9 @@ def test_validation_outputs_travel_with_the_checkpoint_and_are_checked(tmp_path:
     with_updated_metadata(tmp_path / "b", tmp_path / "t", temperature=1.5)
     with_updated_metadata(tmp_path / "b", tmp_path / "d", decision={})
     assert not (tmp_path / "t" / VALIDATION_FILE).exists() and not (tmp_path / "d" / VALIDATION_FILE).exists()
+    # Writing the file records its hash, whether or not the decision changes too.
+    with_updated_metadata(tmp_path / "a", tmp_path / "e", validation=data)
+    assert read_metadata(tmp_path / "e").decision == {"validation_sha256": digest}
     with pytest.raises(CheckpointError, match="SHA-256"):
         read_validation_outputs(tmp_path / "b", expected_sha256="00" * 32)
     (tmp_path / "c" / VALIDATION_FILE).write_bytes(b"not safetensors")
