@@ -15,7 +15,7 @@ from torchvision import models as tv_models
 
 logger = logging.getLogger(__name__)
 
-ARCHITECTURES: tuple[str, ...] = ("tiny_cnn", "mlp", "resnet9", "resnet18", "resnet34", "resnet50")
+ARCHITECTURES: tuple[str, ...] = ("tiny_cnn", "small_cnn", "mlp", "resnet9", "resnet18", "resnet34", "resnet50")
 # Every architecture here names its final linear layer `fc`, as torchvision's ResNets do, so that
 # the "train the new head first" recipe and head replacement work the same way for all of them.
 HEAD_NAME = "fc"
@@ -92,6 +92,29 @@ class TinyCNN(nn.Module):
         return self.fc(torch.flatten(self.features(x), 1))
 
 
+class SmallCNN(nn.Module):
+    """Four conv-BN-ReLU stages (width, 2x, 4x, 8x; the last three stride 2) and a linear head.
+
+    Large enough to interpolate a few thousand 48 px photos in tens of CPU-seconds per epoch, which
+    is the over-parameterised regime CSADA is built for (`rxverify experiment synthetic-pills`); the
+    3-layer TinyCNN underfits them (its receptive field is too small to see a pill whole).
+    """
+
+    def __init__(self, num_classes: int, *, in_channels: int = 3, width: int = 32) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            _conv_bn(in_channels, width),
+            _conv_bn(width, 2 * width, stride=2),
+            _conv_bn(2 * width, 4 * width, stride=2),
+            _conv_bn(4 * width, 8 * width, stride=2),
+            nn.AdaptiveAvgPool2d(1),
+        )
+        self.fc = nn.Linear(8 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.features(x), 1))
+
+
 class MLP(nn.Module):
     """A ReLU MLP over the flattened input (2-D toy points, 8x8 digits, any shape)."""
 
@@ -126,6 +149,7 @@ def _torchvision_resnet(factory: Callable[..., nn.Module]) -> Callable[..., nn.M
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "tiny_cnn": lambda num_classes, *, in_channels: TinyCNN(num_classes, in_channels=in_channels),
+    "small_cnn": lambda num_classes, *, in_channels: SmallCNN(num_classes, in_channels=in_channels),
     "resnet9": lambda num_classes, *, in_channels: ResNet9(num_classes, in_channels=in_channels),
     "resnet18": _torchvision_resnet(tv_models.resnet18),
     "resnet34": _torchvision_resnet(tv_models.resnet34),

@@ -5,16 +5,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from models.commands import experiment as experiment_command
 from models.costs import CostMatrix
-from models.data import DataSplits, TensorClassificationDataset, load_digits_splits
+from models.data import DataSplits, ImageFileDataset, TensorClassificationDataset, load_digits_splits
 from models.engine import TrainConfig
 from models.experiment_report import format_report, highlighted_pairs, to_json
-from models.experiment_setups import GridPoint, Recipe, recipe_for
+from models.experiment_setups import GridPoint, Recipe, load_splits, recipe_for
 from models.experiments import CandidateScore, ExperimentConfig, run_experiment, select_candidate
 
 
@@ -185,3 +186,20 @@ def test_critical_errors_row_sums_the_named_pairs(tmp_path: object) -> None:
     assert row.split()[4] == f"{base:.1f}({payload['summary']['baseline']['critical_errors']['std']:.1f})"
     if base > 0:
         assert "Critical errors / baseline (means)" in text
+
+
+def test_synthetic_pills_recipe_trains_on_plain_photos(tmp_path: Path) -> None:
+    from models.pmi import PMI_PRODUCTS
+    from models.synth import generate_synthetic_pills
+    from models.transforms import EvalPreset, TrainPreset
+
+    recipe = recipe_for("synthetic-pills")
+    assert recipe.arch == "small_cnn" and recipe.augment is False and recipe.to_dict()["augment"] is False
+    data = tmp_path / "pills"
+    generate_synthetic_pills(data, per_class=8, image_size=24, seed=0, products=PMI_PRODUCTS[:2], imbalance=False)
+    plain = load_splits(recipe, seed=0, data_dir=data, cache_dir=tmp_path)
+    augmented = load_splits(dataclasses.replace(recipe, augment=True), seed=0, data_dir=data, cache_dir=tmp_path)
+    assert isinstance(plain.train, ImageFileDataset) and isinstance(augmented.train, ImageFileDataset)
+    assert isinstance(plain.train.transform, EvalPreset) and isinstance(augmented.train.transform, TrainPreset)
+    # Without augmentation a training photo reads the same every time (what the model can memorise).
+    assert torch.equal(plain.train[0][0], plain.train[0][0])

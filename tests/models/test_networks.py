@@ -21,7 +21,7 @@ from models.networks import (
     load_pretrained,
 )
 
-SMALL_ARCHS = ("tiny_cnn", "mlp", "resnet9")
+SMALL_ARCHS = ("tiny_cnn", "small_cnn", "mlp", "resnet9")
 
 
 @pytest.fixture(autouse=True)
@@ -40,7 +40,7 @@ def _logits(model: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def test_architectures_listed() -> None:
-    assert set(ARCHITECTURES) == {"tiny_cnn", "mlp", "resnet9", "resnet18", "resnet34", "resnet50"}
+    assert set(ARCHITECTURES) == {"tiny_cnn", "small_cnn", "mlp", "resnet9", "resnet18", "resnet34", "resnet50"}
 
 
 @pytest.mark.parametrize("name", SMALL_ARCHS)
