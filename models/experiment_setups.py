@@ -204,7 +204,7 @@ def _synthetic_pills_recipe() -> Recipe:
     # RandomResizedCrop (zoom up to 1.12x) would erase the 10 vs 11 mm size cue. Seed 0's baseline:
     # 100% train, 71.5% test accuracy. Fine-tuning with Adam moves every weight by about lr per step
     # whatever the loss scale, and CSADA's term (only the critical source classes are attacked) shifted
-    # boundaries so fast that lr 1e-5 to 1e-3 cost 3.7-7 points of test accuracy on seed 0; at 1e-6 it
+    # boundaries so fast that lr 1e-5 to 1e-3 cost 2.6-7.0 points of test accuracy on seed 0; at 1e-6 it
     # cost 1.0 and at 3e-6 4.4. So CSADA's grid is lr {3e-7, 1e-6} (the paper uses 1e-7 on PMI).
     csada = ({"lam": 2.0, "eps": 0.3, "steps": 10, "step_size": 0.075, "norm": "linf", "sign": True, "tau": 3.0},)
     return Recipe(
