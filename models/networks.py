@@ -76,43 +76,32 @@ class ResNet9(nn.Module):
 
 
 class TinyCNN(nn.Module):
-    """Three conv-BN-ReLU layers and a linear head: fast tests at 8 to 64 px."""
+    """Conv-BN-ReLU stages (width, 2x, 4x, ...; all but the first stride 2) and a linear head.
 
-    def __init__(self, num_classes: int, *, in_channels: int = 3, width: int = 16) -> None:
+    The default three stages are for fast tests at 8 to 64 px.
+    """
+
+    def __init__(self, num_classes: int, *, in_channels: int = 3, width: int = 16, stages: int = 3) -> None:
         super().__init__()
-        self.features = nn.Sequential(
-            _conv_bn(in_channels, width),
-            _conv_bn(width, 2 * width, stride=2),
-            _conv_bn(2 * width, 4 * width, stride=2),
-            nn.AdaptiveAvgPool2d(1),
-        )
-        self.fc = nn.Linear(4 * width, num_classes)
+        layers = [_conv_bn(in_channels, width)]
+        layers += [_conv_bn(width << (i - 1), width << i, stride=2) for i in range(1, stages)]
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1))
+        self.fc = nn.Linear(width << (stages - 1), num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.features(x), 1))
 
 
-class SmallCNN(nn.Module):
-    """Four conv-BN-ReLU stages (width, 2x, 4x, 8x; the last three stride 2) and a linear head.
+class SmallCNN(TinyCNN):
+    """Four stages of width 32-64-128-256.
 
     Large enough to interpolate a few thousand 48 px photos in tens of CPU-seconds per epoch, which
     is the over-parameterised regime CSADA is built for (`rxverify experiment synthetic-pills`); the
-    3-layer TinyCNN underfits them (its receptive field is too small to see a pill whole).
+    3-stage TinyCNN underfits them (its receptive field is too small to see a pill whole).
     """
 
     def __init__(self, num_classes: int, *, in_channels: int = 3, width: int = 32) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            _conv_bn(in_channels, width),
-            _conv_bn(width, 2 * width, stride=2),
-            _conv_bn(2 * width, 4 * width, stride=2),
-            _conv_bn(4 * width, 8 * width, stride=2),
-            nn.AdaptiveAvgPool2d(1),
-        )
-        self.fc = nn.Linear(8 * width, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.features(x), 1))
+        super().__init__(num_classes, in_channels=in_channels, width=width, stages=4)
 
 
 class MLP(nn.Module):
