@@ -386,10 +386,12 @@ def encode_validation_outputs(probs: Any, labels: Any) -> bytes:
     return save({"probs": p, "labels": y}, metadata={"format": "rxverify-validation-v1"})
 
 
-def read_validation_outputs(directory: str | Path, *, expected_sha256: str | None = None) -> tuple[Any, Any] | None:
+def read_validation_outputs(directory: str | Path, *, expected_sha256: str | None = None,
+                            num_classes: int | None = None) -> tuple[Any, Any] | None:
     """(probs, labels) from a checkpoint's validation file, or None when it has none.
 
-    Raises CheckpointError when the file is unreadable, malformed, or does not hash to `expected_sha256`.
+    Raises CheckpointError when the file is unreadable, malformed, does not hash to `expected_sha256`,
+    or (given `num_classes`) has another number of columns or labels outside 0..num_classes-1.
     """
     import numpy as np
     from safetensors import SafetensorError
@@ -408,4 +410,7 @@ def read_validation_outputs(directory: str | Path, *, expected_sha256: str | Non
         raise CheckpointError(f"{path} is corrupt: {error!r}") from None
     if probs.ndim != 2 or labels.shape != (probs.shape[0],) or probs.dtype != np.float64:
         raise CheckpointError(f"{path} holds arrays of the wrong shape or type")
+    if num_classes is not None and (probs.shape[1] != num_classes
+                                    or (labels.size and (labels.min() < 0 or labels.max() >= num_classes))):
+        raise CheckpointError(f"{path} does not match the model's {num_classes} classes")
     return probs, labels

@@ -178,7 +178,7 @@ def validation_outputs(checkpoint_dir: str | Path, decision: Mapping[str, Any], 
     if policy is None or not policy.accepts or not isinstance(expected, str):
         return None
     try:
-        validation = read_validation_outputs(checkpoint_dir, expected_sha256=expected)
+        validation = read_validation_outputs(checkpoint_dir, expected_sha256=expected, num_classes=num_classes)
     except CheckpointError as error:
         logger.error("%s: validation outputs unusable, the verdict policy will not be refitted: %s",
                      checkpoint_dir, error)
@@ -187,11 +187,9 @@ def validation_outputs(checkpoint_dir: str | Path, decision: Mapping[str, Any], 
         logger.warning("%s: validation outputs missing; the verdict policy will not be refitted", checkpoint_dir)
         return None
     probs, labels = validation
-    k = num_classes
-    if (probs.shape[1] != k or probs.shape[0] != policy.report.get("n")
-            or (labels.size and (labels.min() < 0 or labels.max() >= k))):
-        logger.error("%s: validation outputs do not match the model and its policy; the verdict policy will "
-                     "not be refitted", checkpoint_dir)
+    if probs.shape[0] != policy.report.get("n"):
+        logger.error("%s: validation outputs do not match the images the policy counted; the verdict policy "
+                     "will not be refitted", checkpoint_dir)
         return None
     return probs, labels
 

@@ -105,7 +105,10 @@ def register_checkpoint(session: Session, *, source: str | Path, settings: Setti
         # Optional, but when present it must be the file the metadata names (else every API replica would
         # find out only when it loads the model).
         if (source / VALIDATION_FILE).is_file():
-            read_validation_outputs(source, expected_sha256=metadata.decision.get("validation_sha256") or "missing")
+            expected = metadata.decision.get("validation_sha256")
+            if not isinstance(expected, str):
+                raise CheckpointError(f"{source / VALIDATION_FILE} is not named in the metadata (no validation_sha256)")
+            read_validation_outputs(source, expected_sha256=expected, num_classes=len(metadata.classes))
     except CheckpointError as error:
         raise _invalid(str(error), code="invalid_checkpoint") from error
     existing = find_by_sha256(session, sha256)

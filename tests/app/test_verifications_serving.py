@@ -221,7 +221,7 @@ def test_validation_outputs_are_checked_at_registration_and_a_bad_file_never_blo
     import shutil
 
     from app.inference.served import load_served_model
-    from models.checkpoint import VALIDATION_FILE
+    from models.checkpoint import VALIDATION_FILE, with_updated_metadata
 
     template, _keys = seeded_sqlite_template
     settings = served_settings(template, tmp_path / "data", checkpoint=None)
@@ -233,6 +233,11 @@ def test_validation_outputs_are_checked_at_registration_and_a_bad_file_never_blo
     (bad / VALIDATION_FILE).write_bytes(b"garbage")
     with pytest.raises(InvalidInput, match="SHA-256"):
         _register(settings, bad)
+    unnamed = tmp_path / "unnamed"  # a validation file the metadata does not name is refused as well
+    with_updated_metadata(source, unnamed, decision={})
+    shutil.copy2(source / VALIDATION_FILE, unnamed / VALIDATION_FILE)
+    with pytest.raises(InvalidInput, match="not named in the metadata"):
+        _register(settings, unnamed)
     # Already on disk (say, damaged after registration): the model still serves, with its stored policy.
     served = load_served_model(bad, version="bad", device=torch.device("cpu"))
     assert served.validation is None and served.policy is not None and served.policy.accepts

@@ -257,6 +257,10 @@ def test_validation_outputs_travel_with_the_checkpoint_and_are_checked(tmp_path:
     assert read_metadata(tmp_path / "e").decision == {"validation_sha256": digest}
     with pytest.raises(CheckpointError, match="SHA-256"):
         read_validation_outputs(tmp_path / "b", expected_sha256="00" * 32)
+    assert read_validation_outputs(tmp_path / "b", num_classes=3) is not None
+    for wrong in (2, 4):  # a column per class, and labels among them
+        with pytest.raises(CheckpointError, match=f"{wrong} classes"):
+            read_validation_outputs(tmp_path / "b", num_classes=wrong)
     (tmp_path / "c" / VALIDATION_FILE).write_bytes(b"not safetensors")
     with pytest.raises(CheckpointError, match="corrupt"):
         read_validation_outputs(tmp_path / "c")
