@@ -217,11 +217,14 @@ class RawPipeline:
                  batch_size: int, decode_workers: int) -> None:
         from app.inference.images import ImageLimits, configure_pillow
         from app.inference.served import load_served_model
+        from models.checkpoint import load_checkpoint
         from models.runtime import select_device, set_cpu_threads
 
         set_cpu_threads(torch_threads)
         configure_pillow(max_pixels=ImageLimits().max_pixels)
         self.served = load_served_model(checkpoint, version="raw", device=select_device(device))
+        # The model as loaded, to time what prepare_for_inference saves (the naive server runs it so).
+        self.eager = load_checkpoint(checkpoint, device=self.served.device).model.eval()
         self.limits = ImageLimits()
         self.photos = list(photos)
         self.batch_size, self.decode_workers = batch_size, decode_workers
@@ -236,7 +239,7 @@ class RawPipeline:
         from app.inference.bench import measure_pipeline
 
         figures = measure_pipeline(self.served, images=self.photos, batch_size=self.batch_size, repeats=repeats,
-                                   warmup=1, limits=self.limits).to_dict()
+                                   warmup=1, limits=self.limits, eager=self.eager).to_dict()
         self.figures.append(figures)
         print(f"  raw: single image {figures['single_image_ms']:.1f} ms, serial {figures['throughput_ips']:.2f} img/s",
               flush=True)
@@ -258,7 +261,8 @@ class RawPipeline:
         images, wall = sum(n for n, _ in self.pipelined), sum(w for _, w in self.pipelined)
         serial = statistics.fmean(f["throughput_ips"] for f in self.figures)
         pipelined = images / wall
-        stage_keys = ("decode_ms", "full_decode_ms", "preprocess_ms", "forward_1_ms", "forward_batch_ms")
+        stage_keys = ("decode_ms", "full_decode_ms", "preprocess_ms", "forward_1_ms", "forward_batch_ms",
+                      "forward_1_eager_ms", "forward_batch_eager_ms")
         return {"throughput_rps": round(max(serial, pipelined), 3), "serial_rps": round(serial, 3),
                 "pipelined_rps": round(pipelined, 3),
                 "single_image_p50_ms": round(statistics.median(f["single_image_ms"] for f in self.figures), 2),

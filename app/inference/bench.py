@@ -23,10 +23,10 @@ from PIL import Image
 
 from app.inference.images import ImageLimits, decode_image
 from app.inference.served import ServedModel, forward_probabilities, load_served_model
-from models.checkpoint import CheckpointMetadata
+from models.checkpoint import CheckpointMetadata, load_checkpoint, save_checkpoint
 from models.networks import create_model
 from models.pmi import PMI_PRODUCTS
-from models.runtime import select_device, set_cpu_threads
+from models.runtime import autocast_context, prepare_for_inference, select_device, set_cpu_threads
 from models.transforms import EvalPreset
 
 PMI_PHOTO_SIZE = (1284, 960)
@@ -51,6 +51,10 @@ class PipelineFigures:
     forward_batch_ms: float  # forward + softmax at batch_size
     batch_pipeline_ms: float  # decode + preprocess of batch_size photos + one forward
     throughput_ips: float  # batch_size / batch_pipeline: the raw pipeline limit
+    # The same forwards with the model as loaded (no BatchNorm folding, NCHW), when it was given: what
+    # `prepare_for_inference` saves. The naive server of `bench service` runs the model that way.
+    forward_1_eager_ms: float | None = None
+    forward_batch_eager_ms: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -72,13 +76,16 @@ def pmi_like_jpegs(*, count: int, seed: int = 0, quality: int = 90) -> list[byte
     return photos
 
 
-def served_random_model(*, arch: str, num_classes: int, image_size: int, device: torch.device) -> ServedModel:
-    """A randomly initialised model wrapped as a bundle (timing only: no checkpoint or weights needed)."""
+def served_random_model(*, arch: str, num_classes: int, image_size: int, device: torch.device,
+                        model: torch.nn.Module | None = None) -> ServedModel:
+    """A randomly initialised model (or `model`, as created) wrapped as a bundle, prepared as the service
+    prepares a loaded checkpoint (timing only: no checkpoint or weights needed)."""
     metadata = CheckpointMetadata(classes=tuple(f"class-{i}" for i in range(num_classes)), arch=arch, in_channels=3,
                                   image_size=image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    model = create_model(arch, num_classes).to(device).eval()
-    return ServedModel(model=model, metadata=metadata, preset=EvalPreset.from_metadata(metadata),
-                       version=f"random-{arch}", device=device, weights_sha256="0" * 64, policy=None)
+    model = model if model is not None else create_model(arch, num_classes).to(device).eval()
+    return ServedModel(model=prepare_for_inference(model), metadata=metadata,
+                       preset=EvalPreset.from_metadata(metadata), version=f"random-{arch}", device=device,
+                       weights_sha256="0" * 64, policy=None)
 
 
 def _median_ms(action: Callable[[], object], *, repeats: int, warmup: int) -> float:
@@ -95,8 +102,12 @@ def _median_ms(action: Callable[[], object], *, repeats: int, warmup: int) -> fl
 
 
 def measure_pipeline(served: ServedModel, *, images: Sequence[bytes], batch_size: int = 16, repeats: int = 10,
-                     warmup: int = 2, limits: ImageLimits | None = None) -> PipelineFigures:
-    """Time each stage in this process (no HTTP, no queue) on `images` (cycled) with `served`."""
+                     warmup: int = 2, limits: ImageLimits | None = None,
+                     eager: torch.nn.Module | None = None) -> PipelineFigures:
+    """Time each stage in this process (no HTTP, no queue) on `images` (cycled) with `served`.
+
+    `eager`: the served model as loaded, before `prepare_for_inference`; its forwards are timed too.
+    """
     limits = limits or ImageLimits()
     preset = served.preset
     cursor = iter(range(1 << 62))
@@ -125,6 +136,17 @@ def measure_pipeline(served: ServedModel, *, images: Sequence[bytes], batch_size
         "forward_batch_ms": _median_ms(lambda: forward_probabilities(served, batch), repeats=repeats, warmup=warmup),
         "batch_pipeline_ms": _median_ms(batch_pipeline, repeats=repeats, warmup=1),
     }
+    if eager is not None:
+        eager_one, eager_batch = torch.stack(one).to(served.device), torch.stack(batch).to(served.device)
+
+        def eager_forward(inputs: torch.Tensor) -> None:
+            with torch.inference_mode(), autocast_context(served.device):
+                eager(inputs)
+
+        figures["forward_1_eager_ms"] = _median_ms(lambda: eager_forward(eager_one), repeats=repeats * 3,
+                                                   warmup=warmup)
+        figures["forward_batch_eager_ms"] = _median_ms(lambda: eager_forward(eager_batch), repeats=repeats,
+                                                       warmup=warmup)
     return PipelineFigures(device=str(served.device), arch=served.metadata.arch, image_size=preset.image_size,
                            batch_size=batch_size, torch_threads=torch.get_num_threads(), repeats=repeats,
                            throughput_ips=1000.0 * batch_size / figures["batch_pipeline_ms"], **figures)
@@ -225,17 +247,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         checkpoint = args.checkpoint
         if checkpoint:
             served = load_served_model(checkpoint, version=checkpoint.name, device=device)
+            eager = load_checkpoint(checkpoint, device=device).model.eval()
         else:
+            eager = create_model(args.arch, args.classes).to(device).eval()
             served = served_random_model(arch=args.arch, num_classes=args.classes, image_size=args.image_size,
-                                         device=device)
+                                         device=device, model=eager)
             if args.engine:
-                from models.checkpoint import save_checkpoint
-
                 checkpoint = Path(scratch) / f"random-{args.arch}"
-                save_checkpoint(checkpoint, model=served.model, metadata=served.metadata)
+                save_checkpoint(checkpoint, model=eager, metadata=served.metadata)
         report: dict[str, Any] = {"pipeline": measure_pipeline(served, images=images, batch_size=args.batch,
-                                                               repeats=args.repeats).to_dict()}
-        del served
+                                                               repeats=args.repeats, eager=eager).to_dict()}
+        del served, eager
         if args.engine and checkpoint is not None:
             report["engine"] = asyncio.run(_engine_figures(
                 checkpoint, images=images, device=args.device, threads=args.threads, batch=args.batch,

@@ -227,7 +227,10 @@ def test_validation_outputs_are_checked_at_registration_and_a_bad_file_never_blo
     settings = served_settings(template, tmp_path / "data", checkpoint=None)
     source = make_checkpoint(tmp_path / "good", seed=7)
     assert _register(settings, source).id  # its file matches the recorded hash
-    assert load_served_model(source, version="good", device=torch.device("cpu")).validation is not None
+    good = load_served_model(source, version="good", device=torch.device("cpu"))
+    assert good.validation is not None
+    # Served as prepare_for_inference makes it: no BatchNorm left, the checkpoint's outputs.
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in good.model.modules())
     bad = tmp_path / "bad"
     shutil.copytree(source, bad)
     (bad / VALIDATION_FILE).write_bytes(b"garbage")

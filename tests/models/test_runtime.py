@@ -1,0 +1,97 @@
+"""Runtime helpers: the inference copy the service serves (BatchNorm folded, channels-last)."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+from models.networks import ARCHITECTURES, create_model
+from models.runtime import channels_last_input, prepare_for_inference
+
+
+def _with_running_statistics(model: nn.Module) -> nn.Module:
+    """Non-trivial BatchNorm statistics and affine terms (a fresh model's are 0/1, which would hide a bad fold)."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.copy_(torch.rand(module.num_features, generator=generator) - 0.5)
+                module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+                module.weight.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+                module.bias.copy_(torch.rand(module.num_features, generator=generator) - 0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_the_inference_copy_folds_every_batchnorm_and_gives_the_same_outputs(arch: str) -> None:
+    torch.manual_seed(0)
+    shape = (1, 8, 8) if arch == "mlp" else (3, 48, 48)
+    model = _with_running_statistics(create_model(arch, 5, in_channels=shape[0],
+                                                  input_shape=shape if arch == "mlp" else None))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prepared = prepare_for_inference(model)
+    x = torch.randn(3, *shape)
+    with torch.inference_mode():
+        expected, got = model(x), prepared(channels_last_input(x))
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in prepared.modules())
+    assert not prepared.training and type(prepared) is type(model)  # a plain module, not an fx GraphModule
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in prepared.parameters() if p.dim() == 4)
+    # The original is untouched (it is what gets saved and trained).
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_the_inference_copy_is_freed_by_reference_counting() -> None:
+    """A swapped-out model must go without a gc run (the serving process never calls gc.collect)."""
+    prepared = prepare_for_inference(_with_running_statistics(create_model("resnet18", 4)))
+    gc.disable()
+    try:
+        ref, weight = weakref.ref(prepared), weakref.ref(next(prepared.parameters()))
+        del prepared
+        assert ref() is None and weight() is None
+    finally:
+        gc.enable()
+
+
+class _DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        return y if float(y.sum()) > 0 else -y  # control flow on a value: torch.fx cannot trace it
+
+
+def test_an_untraceable_model_is_served_unfolded(caplog: pytest.LogCaptureFixture) -> None:
+    model = _with_running_statistics(_DataDependent())
+    with caplog.at_level(logging.WARNING, logger="models.runtime"):
+        prepared = prepare_for_inference(model)
+    assert "BatchNorm folding skipped" in caplog.text
+    assert isinstance(prepared.bn, nn.BatchNorm2d)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.inference_mode():
+        assert torch.allclose(prepared(channels_last_input(x)), model(x), atol=1e-6)
+
+
+def test_a_batchnorm_whose_convolution_output_is_reused_is_kept() -> None:
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            return self.bn(y) + y  # folding bn into conv would change the second use of y
+
+    model = _with_running_statistics(Residual())
+    prepared = prepare_for_inference(model)
+    assert isinstance(prepared.bn, nn.BatchNorm2d)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.inference_mode():
+        assert torch.allclose(prepared(channels_last_input(x)), model(x), atol=1e-6)
