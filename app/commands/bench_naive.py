@@ -1,8 +1,9 @@
 """The naive server of `rxverify bench service`: what a first FastAPI/Starlette model server looks like.
 
 One forward pass per request (no batching, no queue), a full-resolution decode (no JPEG draft), the
-framework's form parser, and the forward run in the framework's thread pool. Same checkpoint, same
-EvalPreset, same device and torch threads as the real service. Not for production: no auth, no audit.
+framework's form parser, the forward run in the framework's thread pool, and the model as
+`load_checkpoint` returns it (the service serves `prepare_for_inference`'s copy: BatchNorm folded,
+channels-last). Same checkpoint, same EvalPreset, same device and torch threads as the real service. Not for production: no auth, no audit.
 Run by uvicorn as `app.commands.bench_naive:create_naive_app` (factory) with RXVERIFY_BENCH_CHECKPOINT set.
 """
 

@@ -65,10 +65,21 @@ def register(sub: Any, groups: dict[str, Any]) -> None:
     parser.add_argument("--stage-repeats", dest="single_reps", type=int, default=2,
                         help="repeats of app.inference.bench.measure_pipeline per round (x3 for single images)")
     parser.add_argument("--decode-workers", type=int, default=1, help="decode threads of the raw pipeline")
-    parser.add_argument("--inference-workers", type=int, default=1,
-                        help="the service's RXVERIFY_INFERENCE_WORKERS (batches computed at once)")
+    parser.add_argument("--inference-workers", type=int, default=None,
+                        help="the service's RXVERIFY_INFERENCE_WORKERS (batches computed at once; default: 1 on a "
+                             "GPU, else CPU cores // torch threads, the setting's documented CPU rule)")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep photos, data and logs here")
     parser.set_defaults(func=handle)
+
+
+def default_inference_workers(device: str, torch_threads: int) -> int:
+    """RXVERIFY_INFERENCE_WORKERS as the Configuration table advises: 1 on a GPU; on a CPU host as many
+    batches at once as fit the cores (torch_threads x inference_workers <= cores)."""
+    from models.runtime import select_device
+
+    if select_device(device).type == "cuda":
+        return 1
+    return max(1, (os.cpu_count() or 1) // max(1, torch_threads))
 
 
 def handle(args: argparse.Namespace) -> int:
@@ -78,7 +89,9 @@ def handle(args: argparse.Namespace) -> int:
                          torch_threads=args.torch_threads, max_batch_size=args.max_batch_size,
                          batch_wait_ms=args.batch_wait_ms, photos=args.photos, single_reps=args.single_reps,
                          decode_workers=args.decode_workers, work_dir=args.work_dir,
-                         rounds=args.rounds, inference_workers=args.inference_workers)
+                         rounds=args.rounds,
+                         inference_workers=args.inference_workers or default_inference_workers(args.device,
+                                                                                                args.torch_threads))
     result = run_bench(config)
     text = json.dumps(result, indent=2)
     if config.json_out is not None:
@@ -272,8 +285,10 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
                   "note": ("untrained weights (random init) with a policy fitted on simulated outputs: the timings "
                            "are real, the verdicts mean nothing") if untrained else "as given"},
         "engine": {"max_batch_size": config.max_batch_size, "max_batch_wait_ms": config.batch_wait_ms,
-                   "adaptive_wait": True, "inference_workers": config.inference_workers, "uvicorn_workers": 1, "db_pool_size": max(config.concurrency) + 4, "jpeg_draft": True, "database": "sqlite (embedded), one row per verdict",
-                   "embedded_training_worker": False},
+                   "adaptive_wait": True, "inference_workers": config.inference_workers, "uvicorn_workers": 1,
+                   "db_pool_size": max(config.concurrency) + 4, "jpeg_draft": True,
+                   "model_prepared": "BatchNorm folded, channels-last (the naive server runs the model as loaded)",
+                   "database": "sqlite (embedded), one row per verdict", "embedded_training_worker": False},
         "photos": {"count": len(photos), "size": list(support.PHOTO_SIZE),
                    "mean_bytes": round(sum(map(len, photos)) / len(photos))},
         "rounds": config.rounds, "requests_per_level": per_round * config.rounds,

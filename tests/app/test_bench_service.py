@@ -65,3 +65,15 @@ def test_a_small_end_to_end_run(tmp_path: Path) -> None:
     assert result["service"]["c2"]["statuses"] == {"200": 4} and result["naive"]["c2"]["statuses"] == {"200": 4}
     assert result["device"].split(":")[0] in ("cpu", "cuda") and result["model"]["untrained"] is False
     assert result["raw"]["throughput_rps"] > 0 and result["machine"]["cpu_count"]
+    # The configuration it ran: the CPU rule for inference workers (cores // torch threads), the eager forward.
+    threads, cores = result["torch_threads"], result["machine"]["cpu_count"]
+    expected_workers = 1 if result["device"].startswith("cuda") else max(1, cores // threads)
+    assert result["engine"]["inference_workers"] == expected_workers
+    assert result["raw"]["stages_ms"]["forward_1_eager_ms"] > 0
+
+
+def test_inference_workers_default_follows_the_cores() -> None:
+    from app.commands.bench_service import default_inference_workers
+
+    assert default_inference_workers("cpu", 1) == max(1, support.os.cpu_count() or 1)
+    assert default_inference_workers("cpu", 10_000) == 1
