@@ -70,28 +70,25 @@ def set_cpu_threads(n: int | None) -> None:
     logger.debug("torch intra-op threads set to %d", n)
 
 
-def prepare_for_inference(model: torch.nn.Module) -> torch.nn.Module:
+def prepare_for_inference(model: torch.nn.Module, example: torch.Tensor) -> torch.nn.Module:
     """An inference-only copy of `model`: BatchNorm folded into convolutions, channels-last weights.
 
-    Each BatchNorm that directly follows a convolution (the convolution's only user, each module called
-    once) is folded into that convolution's weight and bias (`torch.nn.utils.fusion.fuse_conv_bn_eval`)
-    and replaced by an identity, which saves a pass over every activation; 4-D weights are stored
+    Each BatchNorm2d that reads a Conv2d's output, where that output has no other use and each module is
+    called once, is folded into the convolution's weight and bias (`torch.nn.utils.fusion.fuse_conv_bn_eval`)
+    and replaced by an identity; this saves a pass over every activation. 4-D weights are stored
     channels-last, the layout oneDNN's CPU kernels and cuDNN's tensor-core kernels prefer (feed it
-    `channels_last_input`). The pairs are found on a torch.fx trace of the copy, but the copy stays a
-    plain module (an fx GraphModule holds reference cycles, and a served model must be freed by
-    reference counting when it is swapped out). Outputs equal the original's up to float rounding.
-    Only for inference: the folded copy has no BatchNorm left to train. `model` itself is not changed;
-    a model that torch.fx cannot trace (data-dependent control flow) is copied unfolded.
+    `channels_last_input`). Outputs equal the original's up to float rounding. Only for inference: the
+    copy has no BatchNorm left to train; `model` itself is not changed.
+
+    The pairs are found by running `example` (one input batch) through the copy with forward hooks on
+    its own modules and reading the autograd graph, not with torch.fx: fx's tracer patches
+    `nn.Module.__call__` for the whole process while it runs, which breaks forwards that other threads
+    (the serving engine during a hot swap) run at the same time.
     """
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     prepared = copy.deepcopy(model).eval()
-    try:
-        pairs = _conv_bn_pairs(prepared)
-    except Exception as error:  # any tracing failure: serve the model unfolded
-        logger.warning("BatchNorm folding skipped (%s is not traceable: %s)", type(model).__name__, error)
-        pairs = []
-    for conv_name, bn_name in pairs:
+    for conv_name, bn_name in _conv_bn_pairs(prepared, example):
         conv, bn = prepared.get_submodule(conv_name), prepared.get_submodule(bn_name)
         assert isinstance(conv, torch.nn.Conv2d) and isinstance(bn, torch.nn.BatchNorm2d)
         _replace_submodule(prepared, conv_name, fuse_conv_bn_eval(conv, bn))
@@ -99,29 +96,52 @@ def prepare_for_inference(model: torch.nn.Module) -> torch.nn.Module:
     return prepared.to(memory_format=torch.channels_last)
 
 
-def _conv_bn_pairs(model: torch.nn.Module) -> list[tuple[str, str]]:
-    """(conv, bn) submodule names where the BatchNorm2d reads only that Conv2d's output, both called once."""
-    tracer = torch.fx.Tracer()
+def _conv_bn_pairs(model: torch.nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
+    """(conv, bn) names where the eval-mode BatchNorm2d is the only reader of the Conv2d's output."""
+    calls: dict[str, int] = {}
+    conv_outputs: dict[str, torch.Tensor] = {}
+    bn_inputs: dict[str, torch.Tensor] = {}
+
+    def recorder(name: str, store: dict[str, torch.Tensor], use_input: bool) -> Any:
+        def hook(_module: torch.nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+            calls[name] = calls.get(name, 0) + 1
+            value = inputs[0] if use_input and len(inputs) == 1 else output
+            if isinstance(value, torch.Tensor):
+                store[name] = value
+        return hook
+
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Conv2d):
+            handles.append(module.register_forward_hook(recorder(name, conv_outputs, use_input=False)))
+        elif isinstance(module, torch.nn.BatchNorm2d) and module.running_mean is not None:
+            handles.append(module.register_forward_hook(recorder(name, bn_inputs, use_input=True)))
     try:
-        calls = [node for node in tracer.trace(model).nodes if node.op == "call_module"]
+        with torch.enable_grad():
+            output = model(example)
     finally:
-        # The tracer ends up in a reference cycle (a closure holds it) and it holds `model`: drop its
-        # references now, so the model is freed by reference counting, without waiting for a gc run.
-        tracer.__dict__.clear()
-    counts: dict[str, int] = {}
-    for node in calls:
-        counts[str(node.target)] = counts.get(str(node.target), 0) + 1
+        for handle in handles:
+            handle.remove()
+    # How many autograd nodes read each node's result: a convolution whose output feeds anything
+    # besides its BatchNorm (a residual `bn(y) + y`, say) must keep its own output.
+    readers: dict[Any, int] = {}
+    seen: set[Any] = set()
+    stack = [output.grad_fn] if isinstance(output, torch.Tensor) else []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for upstream, _ in node.next_functions:
+            if upstream is not None:
+                readers[upstream] = readers.get(upstream, 0) + 1
+                stack.append(upstream)
     pairs = []
-    for node in calls:
-        bn = model.get_submodule(str(node.target))
-        if not (isinstance(bn, torch.nn.BatchNorm2d) and bn.running_mean is not None and bn.running_var is not None):
-            continue
-        source = node.args[0] if len(node.args) == 1 and not node.kwargs else None
-        if not isinstance(source, torch.fx.Node) or source.op != "call_module" or len(source.users) != 1:
-            continue
-        if (isinstance(model.get_submodule(str(source.target)), torch.nn.Conv2d)
-                and counts[str(source.target)] == 1 and counts[str(node.target)] == 1):
-            pairs.append((str(source.target), str(node.target)))
+    for bn_name, bn_input in bn_inputs.items():
+        for conv_name, conv_output in conv_outputs.items():
+            if (bn_input is conv_output and calls[conv_name] == 1 and calls[bn_name] == 1
+                    and readers.get(conv_output.grad_fn, 0) == 1):
+                pairs.append((conv_name, bn_name))
     return pairs
 
 

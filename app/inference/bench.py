@@ -83,7 +83,8 @@ def served_random_model(*, arch: str, num_classes: int, image_size: int, device:
     metadata = CheckpointMetadata(classes=tuple(f"class-{i}" for i in range(num_classes)), arch=arch, in_channels=3,
                                   image_size=image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     model = model if model is not None else create_model(arch, num_classes).to(device).eval()
-    return ServedModel(model=prepare_for_inference(model), metadata=metadata,
+    example = torch.zeros(1, 3, image_size, image_size, device=device)
+    return ServedModel(model=prepare_for_inference(model, example), metadata=metadata,
                        preset=EvalPreset.from_metadata(metadata), version=f"random-{arch}", device=device,
                        weights_sha256="0" * 64, policy=None)
 

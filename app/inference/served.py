@@ -166,8 +166,10 @@ def load_served_model(checkpoint_dir: str | Path, *, version: str, device: torch
                                     policy=policy)
     preset = EvalPreset.from_metadata(metadata)
     preset(Image.new("RGB", (preset.image_size + 7, preset.image_size), (128, 128, 128)))  # first-call costs
-    return ServedModel(model=prepare_for_inference(loaded.model), metadata=metadata, preset=preset, version=version,
-                       device=device, weights_sha256=loaded.weights_sha256, policy=policy, validation=validation)
+    example = torch.zeros(1, metadata.in_channels, preset.image_size, preset.image_size, device=device)
+    return ServedModel(model=prepare_for_inference(loaded.model, example), metadata=metadata, preset=preset,
+                       version=version, device=device, weights_sha256=loaded.weights_sha256, policy=policy,
+                       validation=validation)
 
 
 def validation_outputs(checkpoint_dir: str | Path, decision: Mapping[str, Any], *, num_classes: int,

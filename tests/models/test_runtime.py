@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import logging
 import weakref
 
 import pytest
@@ -34,8 +33,8 @@ def test_the_inference_copy_folds_every_batchnorm_and_gives_the_same_outputs(arc
     model = _with_running_statistics(create_model(arch, 5, in_channels=shape[0],
                                                   input_shape=shape if arch == "mlp" else None))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    prepared = prepare_for_inference(model)
     x = torch.randn(3, *shape)
+    prepared = prepare_for_inference(model, x[:1])
     with torch.inference_mode():
         expected, got = model(x), prepared(channels_last_input(x))
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4)
@@ -48,7 +47,7 @@ def test_the_inference_copy_folds_every_batchnorm_and_gives_the_same_outputs(arc
 
 def test_the_inference_copy_is_freed_by_reference_counting() -> None:
     """A swapped-out model must go without a gc run (the serving process never calls gc.collect)."""
-    prepared = prepare_for_inference(_with_running_statistics(create_model("resnet18", 4)))
+    prepared = prepare_for_inference(_with_running_statistics(create_model("resnet18", 4)), torch.zeros(1, 3, 32, 32))
     gc.disable()
     try:
         ref, weight = weakref.ref(prepared), weakref.ref(next(prepared.parameters()))
@@ -58,25 +57,35 @@ def test_the_inference_copy_is_freed_by_reference_counting() -> None:
         gc.enable()
 
 
-class _DataDependent(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+def test_preparing_leaves_forwards_in_other_threads_alone() -> None:
+    """A hot swap prepares the new model while the old one serves: nothing process-wide may change."""
+    import threading
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.bn(self.conv(x))
-        return y if float(y.sum()) > 0 else -y  # control flow on a value: torch.fx cannot trace it
-
-
-def test_an_untraceable_model_is_served_unfolded(caplog: pytest.LogCaptureFixture) -> None:
-    model = _with_running_statistics(_DataDependent())
-    with caplog.at_level(logging.WARNING, logger="models.runtime"):
-        prepared = prepare_for_inference(model)
-    assert "BatchNorm folding skipped" in caplog.text
-    assert isinstance(prepared.bn, nn.BatchNorm2d)
-    x = torch.randn(2, 3, 8, 8)
+    serving = _with_running_statistics(create_model("resnet18", 4))
+    x = torch.randn(2, 3, 32, 32)
     with torch.inference_mode():
-        assert torch.allclose(prepared(channels_last_input(x)), model(x), atol=1e-6)
+        expected = serving(x)
+    failures: list[BaseException] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                with torch.inference_mode():
+                    assert torch.equal(serving(x), expected)
+            except BaseException as error:  # reported below
+                failures.append(error)
+                return
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        for _ in range(5):
+            prepare_for_inference(create_model("resnet18", 4), torch.zeros(1, 3, 32, 32))
+    finally:
+        stop.set()
+        thread.join()
+    assert failures == []
 
 
 def test_a_batchnorm_whose_convolution_output_is_reused_is_kept() -> None:
@@ -90,8 +99,8 @@ def test_a_batchnorm_whose_convolution_output_is_reused_is_kept() -> None:
             return self.bn(y) + y  # folding bn into conv would change the second use of y
 
     model = _with_running_statistics(Residual())
-    prepared = prepare_for_inference(model)
-    assert isinstance(prepared.bn, nn.BatchNorm2d)
     x = torch.randn(2, 3, 8, 8)
+    prepared = prepare_for_inference(model, x[:1])
+    assert isinstance(prepared.bn, nn.BatchNorm2d)
     with torch.inference_mode():
         assert torch.allclose(prepared(channels_last_input(x)), model(x), atol=1e-6)
