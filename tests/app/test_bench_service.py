@@ -73,7 +73,9 @@ def test_a_small_end_to_end_run(tmp_path: Path) -> None:
 
 
 def test_inference_workers_default_follows_the_cores() -> None:
+    import os
+
     from app.commands.bench_service import default_inference_workers
 
-    assert default_inference_workers("cpu", 1) == max(1, support.os.cpu_count() or 1)
+    assert default_inference_workers("cpu", 1) == max(1, os.cpu_count() or 1)
     assert default_inference_workers("cpu", 10_000) == 1
