@@ -136,12 +136,13 @@ def _conv_bn_pairs(model: torch.nn.Module, example: torch.Tensor) -> list[tuple[
             if upstream is not None:
                 readers[upstream] = readers.get(upstream, 0) + 1
                 stack.append(upstream)
+    producer = {id(output): name for name, output in conv_outputs.items()}  # the tensors are alive: ids unique
     pairs = []
     for bn_name, bn_input in bn_inputs.items():
-        for conv_name, conv_output in conv_outputs.items():
-            if (bn_input is conv_output and calls[conv_name] == 1 and calls[bn_name] == 1
-                    and readers.get(conv_output.grad_fn, 0) == 1):
-                pairs.append((conv_name, bn_name))
+        conv_name = producer.get(id(bn_input))
+        if (conv_name is not None and calls[conv_name] == 1 and calls[bn_name] == 1
+                and readers.get(bn_input.grad_fn, 0) == 1):
+            pairs.append((conv_name, bn_name))
     return pairs
 
 
