@@ -16,6 +16,7 @@ DEFAULT_OFF_DIAGONAL_COST = 1.0
 # Header names accepted when reading a long-form CSV; the first of each pair is what we write.
 _TRUE_COLUMNS = ("true", "true_ndc")
 _PREDICTED_COLUMNS = ("predicted", "predicted_ndc")
+_EXTRA_FIELDS = "\x00extra"  # DictReader's key for the fields beyond the header (no header can hold NUL)
 
 
 class CostMatrixError(ValueError):
@@ -45,7 +46,7 @@ def check_cost(true: str, predicted: str, cost: float | str, *, max_cost: float 
                               row=row)
     if true == predicted and value != 0:
         raise CostMatrixError("the diagonal must be 0", true=true, predicted=predicted, row=row)
-    return value
+    return value + 0.0  # -0.0 becomes 0.0, so that equal matrices serialise (and hash) the same
 
 
 @dataclass(frozen=True, eq=False)
@@ -114,7 +115,16 @@ class CostMatrix:
         if isinstance(source, str | Path):
             with open(source, newline="") as handle:
                 return cls.read_csv(handle, classes, default=default, max_cost=max_cost)
-        reader = csv.DictReader(source)
+        reader = csv.DictReader(source, restkey=_EXTRA_FIELDS)
+        try:
+            return cls._read_rows(reader, classes, default=default, max_cost=max_cost)
+        except csv.Error as exc:  # e.g. a field over the csv module's size limit, or a NUL byte
+            # line_num counts the lines of the records read whole; the bad one starts after them.
+            raise CostMatrixError(f"not readable as CSV: {exc}", row=reader.line_num + 1) from None
+
+    @classmethod
+    def _read_rows(cls, reader: csv.DictReader[str], classes: Sequence[str], *, default: float,
+                   max_cost: float) -> CostMatrix:
         fields = [name.strip() for name in (reader.fieldnames or [])]
         true_col = next((c for c in _TRUE_COLUMNS if c in fields), None)
         pred_col = next((c for c in _PREDICTED_COLUMNS if c in fields), None)
@@ -126,11 +136,14 @@ class CostMatrix:
         np.fill_diagonal(matrix, 0.0)
         seen: set[tuple[str, str]] = set()
         for row_number, raw in enumerate(reader, start=2):
+            if _EXTRA_FIELDS in raw:
+                raise CostMatrixError(f"{len(fields) + len(raw[_EXTRA_FIELDS])} fields where the header has "
+                                      f"{len(fields)}", row=row_number)
             row = {(key or "").strip(): (value or "").strip() for key, value in raw.items()}
             true, predicted = row.get(true_col, ""), row.get(pred_col, "")
             for name in (true, predicted):
                 if name not in index:
-                    raise CostMatrixError(f"unknown class {name!r}", true=true, predicted=predicted,
+                    raise CostMatrixError(f"unknown class {name[:40]!r}", true=true[:40], predicted=predicted[:40],
                                           row=row_number)
             if (true, predicted) in seen:
                 raise CostMatrixError("pair listed twice", true=true, predicted=predicted, row=row_number)

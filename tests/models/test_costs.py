@@ -52,6 +52,8 @@ def test_csv_round_trip_both_headers() -> None:
         ("true,predicted,cost\na,b,1\na,b,2\n", 3, "twice"),
         ("true,predicted,cost\na,b,x\n", 2, "not a number"),
         ("x,y,z\na,b,1\n", 1, "header"),
+        ("true,predicted,cost\na,c,1\na,b,1,9\n", 3, "4 fields where the header has 3"),
+        ('true,predicted,cost\n"' + "a" * 200_000 + '",b,1\n', 2, "not readable as CSV"),
     ],
 )
 def test_csv_rejects_bad_cells_and_names_them(body: str, row: int, fragment: str) -> None:
@@ -59,6 +61,12 @@ def test_csv_rejects_bad_cells_and_names_them(body: str, row: int, fragment: str
         CostMatrix.read_csv(io.StringIO(body), CLASSES)
     assert caught.value.row == row
     assert fragment in str(caught.value)
+
+
+def test_negative_zero_is_stored_as_zero() -> None:
+    # -0.0 == 0.0, but it prints (and hashes) differently: two equal matrices must serialise the same.
+    matrix = CostMatrix.read_csv(io.StringIO("true,predicted,cost\na,b,-0.0\n"), CLASSES)
+    assert math.copysign(1.0, float(matrix.matrix[0, 1])) == 1.0 and "-0" not in matrix.to_csv(only_non_default=False)
 
 
 def test_max_cost_is_enforced() -> None:
