@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.errors import DomainError
@@ -82,6 +82,10 @@ async def _ndc_error(request: Request, exc: Exception) -> JSONResponse:
                             extra={"ndc": exc.ndc, "candidates": list(exc.candidates)})
 
 
+def _is_json(media_type: str) -> bool:
+    return media_type == "application/json" or media_type.endswith("+json")
+
+
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     raw = list(exc.errors())
@@ -90,6 +94,13 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
         reason = (json_errors[0].get("ctx") or {}).get("error", "syntax error")
         return problem_response(status=400, slug="malformed-json", title="Malformed JSON",
                                 detail=f"The request body is not valid JSON: {reason}",
+                                instance=request.url.path)
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type and not _is_json(media_type) and any(tuple(e.get("loc", ()))[:1] == ("body",) for e in raw):
+        # FastAPI reads a body it cannot parse as JSON as bytes and reports "not a valid dictionary";
+        # the real mistake is the media type.
+        return problem_response(status=415, slug="unsupported-media-type", title="Unsupported media type",
+                                detail=f"This endpoint takes application/json; the request says {media_type[:100]}",
                                 instance=request.url.path)
     errors = [{"field": field_pointer(e.get("loc", ())), "message": str(e.get("msg", "invalid")),
                "code": str(e.get("type", "invalid"))} for e in raw]
@@ -128,6 +139,15 @@ async def _integrity_error(request: Request, exc: Exception) -> JSONResponse:
                             instance=request.url.path)
 
 
+async def _data_error(request: Request, exc: Exception) -> JSONResponse:
+    # A value the database cannot hold (out of range, not text): the request validators should have
+    # refused it first, so this is a backstop, logged so that the missing check can be added.
+    logger.warning("database refused a value; mapped to 422", exc_info=exc)
+    return problem_response(status=422, slug="validation-error", title="Invalid input",
+                            detail="A value in the request cannot be stored or compared (out of range or not text).",
+                            instance=request.url.path)
+
+
 async def unhandled_error(request: Request, exc: Exception) -> JSONResponse:
     """Last resort (500): log with the traceback, answer without internals."""
     logger.error("unhandled error", exc_info=exc)
@@ -149,4 +169,5 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(OperationalError, _database_unavailable)
     app.add_exception_handler(IntegrityError, _integrity_error)
+    app.add_exception_handler(DataError, _data_error)
     app.add_exception_handler(Exception, unhandled_error)

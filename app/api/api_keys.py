@@ -7,7 +7,7 @@ from fastapi import APIRouter, Response
 from app.api.deps import AdminActor, SessionDep
 from app.orm import ApiKey
 from app.schemas.api_keys import ApiKeyCreate, ApiKeyCreated, ApiKeyRead, ApiKeyRevoke
-from app.schemas.common import problem_responses
+from app.schemas.common import IdPath, problem_responses
 from app.services import api_keys as service
 
 router = APIRouter(prefix="/v1/admin/api-keys", tags=["api keys"], responses=problem_responses(401, 403, 422))
@@ -28,7 +28,7 @@ def create_key(body: ApiKeyCreate, actor: AdminActor, session: SessionDep, respo
 
 
 @router.post("/{key_id}/revoke", response_model=ApiKeyRead, responses=problem_responses(404, 409))
-def revoke_key(key_id: int, actor: AdminActor, session: SessionDep, body: ApiKeyRevoke | None = None) -> ApiKeyRead:
+def revoke_key(key_id: IdPath, actor: AdminActor, session: SessionDep, body: ApiKeyRevoke | None = None) -> ApiKeyRead:
     """Revoke a key: from now on it gets 401."""
     key = service.revoke_api_key(session, key_id=key_id, actor=actor, reason=body.reason if body else None)
     return _read(key)

@@ -8,16 +8,19 @@ from fastapi import APIRouter, Query
 
 from app.api.deps import PharmacistActor, SessionDep
 from app.schemas.audit import AuditEntryRead, AuditPage
-from app.schemas.common import problem_responses
+from app.schemas.common import IdQuery, problem_responses
 from app.services.audit import list_entries
+
+# Filters match stored values exactly (at most 64 characters, printable): anything else is a 422.
+FilterText = Annotated[str | None, Query(max_length=64, pattern=r"^[^\x00-\x1f\x7f]*$")]
 
 router = APIRouter(tags=["audit"], responses=problem_responses(401, 403, 422))
 
 
 @router.get("/v1/admin/audit-log", response_model=AuditPage)
 def audit_log(_actor: PharmacistActor, session: SessionDep,
-              limit: Annotated[int, Query(ge=1, le=500)] = 50, before_id: int | None = None,
-              action: str | None = None, entity_type: str | None = None, entity_id: str | None = None) -> AuditPage:
+              limit: Annotated[int, Query(ge=1, le=500)] = 50, before_id: IdQuery = None,
+              action: FilterText = None, entity_type: FilterText = None, entity_id: FilterText = None) -> AuditPage:
     """Newest first; filter by action (e.g. `cost_matrix.create`), entity type or id."""
     entries = list_entries(session, limit=limit, before_id=before_id, action=action, entity_type=entity_type,
                            entity_id=entity_id)

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 from app.api.deps import PharmacistActor, SessionDep, SettingsDep
 from app.errors import DomainError, FieldError, InvalidInput
 from app.orm import CostMatrixVersion
-from app.schemas.common import problem_responses
+from app.schemas.common import MAX_ID, IdQuery, problem_responses
 from app.schemas.cost_matrices import (
     ActivateRequest,
     CostDifferenceRead,
@@ -40,9 +40,9 @@ def parse_ref(text: str, *, field: str = "path.version") -> service.VersionRef:
     """`active` or a positive version number."""
     if text == "active":
         return "active"
-    if text.isascii() and text.isdigit():
+    if text.isascii() and text.isdigit() and len(text) <= len(str(MAX_ID)) and 1 <= int(text) <= MAX_ID:
         return int(text)
-    raise InvalidInput(f"{text!r} is not a version number or 'active'",
+    raise InvalidInput(f"{text[:40]!r} is not a version number or 'active'",
                        errors=[FieldError(field, "expected a version number or 'active'", "version_ref")])
 
 
@@ -97,7 +97,7 @@ _CSV_REQUEST_BODY = {"requestBody": {"required": True, "content": {"text/csv": {
 def import_csv(actor: PharmacistActor, session: SessionDep, settings: SettingsDep, response: Response,
                text: Annotated[str, Depends(csv_body)],
                reason: Annotated[str, Query(min_length=1, max_length=2000)],
-               parent_version: int | None = None) -> CostMatrixRead:
+               parent_version: IdQuery = None) -> CostMatrixRead:
     """Create a version holding exactly the CSV's costs (unlisted pairs cost 1); same parent rule as POST."""
     version = service.import_csv(session, parent_version=parent_version, reason=reason, text=text, actor=actor,
                                  max_cost=settings.max_cost)

@@ -12,7 +12,7 @@ from app.api.deps import AdminActor, PharmacistActor, SessionDep, SettingsDep
 from app.config import Settings
 from app.errors import NotFound
 from app.orm import Dataset, ModelPromotion, ModelVersion, TrainingJob
-from app.schemas.common import problem_responses
+from app.schemas.common import MAX_ID, IdPath, IdQuery, problem_responses
 from app.schemas.models import (
     ActiveModel,
     Lineage,
@@ -73,7 +73,7 @@ def _announce(request: Request, settings: Settings, model_version_id: int, actio
 
 @router.get("", response_model=list[ModelVersionSummary])
 def list_models(_actor: PharmacistActor, session: SessionDep, limit: Annotated[int, Query(ge=1, le=200)] = 50,
-                before_id: Annotated[int | None, Query(ge=1)] = None) -> list[ModelVersionSummary]:
+                before_id: IdQuery = None) -> list[ModelVersionSummary]:
     """Model versions, newest first, each with headline metrics and the comparison with its parent."""
     query = select(ModelVersion).order_by(ModelVersion.id.desc()).limit(limit)
     if before_id is not None:
@@ -87,8 +87,8 @@ def list_models(_actor: PharmacistActor, session: SessionDep, limit: Annotated[i
 
 @router.get("/promotions", response_model=list[PromotionRead])
 def list_promotions(_actor: PharmacistActor, session: SessionDep, limit: Annotated[int, Query(ge=1, le=200)] = 50,
-                    before_id: Annotated[int | None, Query(ge=1)] = None,
-                    model_version: Annotated[int | None, Query(ge=1)] = None) -> list[PromotionRead]:
+                    before_id: IdQuery = None,
+                    model_version: IdQuery = None) -> list[PromotionRead]:
     """The append-only history of promotions and rollbacks (refused automatic promotions included), newest first."""
     entries = promotion.history(session, limit=limit, before_id=before_id, model_version_id=model_version)
     return [promotion_read(entry) for entry in entries]
@@ -104,7 +104,7 @@ def rollback(body: RollbackRequest, actor: AdminActor, session: SessionDep, sett
 
 
 @router.get("/{model_version_id}", response_model=ModelVersionDetail)
-def get_model(model_version_id: int, _actor: PharmacistActor, session: SessionDep,
+def get_model(model_version_id: IdPath, _actor: PharmacistActor, session: SessionDep,
               settings: SettingsDep) -> ModelVersionDetail:
     """One version: lineage, metrics with confusion matrices, verdict policy, Tables 5-6 vs its parent."""
     version = session.get(ModelVersion, model_version_id)
@@ -121,8 +121,8 @@ def get_model(model_version_id: int, _actor: PharmacistActor, session: SessionDe
 
 
 @router.get("/{model_version_id}/policy", response_model=VerdictPolicyRead)
-def get_policy(model_version_id: int, _actor: PharmacistActor, session: SessionDep, settings: SettingsDep,
-               cost_matrix_version: Annotated[int | None, Query(ge=1, description="Default: the active one.")] = None,
+def get_policy(model_version_id: IdPath, _actor: PharmacistActor, session: SessionDep, settings: SettingsDep,
+               cost_matrix_version: Annotated[int | None, Query(ge=1, le=MAX_ID, description="Default: the active one.")] = None,
                ) -> VerdictPolicyRead:
     """The version's verdict thresholds under a cost-matrix version, refitted if it was fitted for another.
 
@@ -135,7 +135,7 @@ def get_policy(model_version_id: int, _actor: PharmacistActor, session: SessionD
 
 
 @router.post("/{model_version_id}/promote", response_model=ActiveModel, responses=problem_responses(409))
-def promote(model_version_id: int, body: PromoteRequest, actor: AdminActor, session: SessionDep,
+def promote(model_version_id: IdPath, body: PromoteRequest, actor: AdminActor, session: SessionDep,
             settings: SettingsDep, request: Request, background: BackgroundTasks) -> ActiveModel:
     """Apply the gate under the active cost matrix on validation; 409 lists each failed check and its numbers.
 

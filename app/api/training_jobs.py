@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 
 from app.api.deps import PharmacistActor, SessionDep, SettingsDep
 from app.orm import TrainingJob
-from app.schemas.common import problem_responses
+from app.schemas.common import IdPath, problem_responses
 from app.schemas.training_jobs import (
     HyperparameterDefaults,
     JobStatus,
@@ -93,12 +93,12 @@ def hyperparameter_defaults(_actor: PharmacistActor, session: SessionDep, datase
 
 
 @router.get("/{job_id}", response_model=TrainingJobRead)
-def get_job(job_id: int, _actor: PharmacistActor, session: SessionDep) -> TrainingJobRead:
+def get_job(job_id: IdPath, _actor: PharmacistActor, session: SessionDep) -> TrainingJobRead:
     """One job: status, progress (epoch/step of total, loss, attack success rate, ETA, validation), result."""
     return job_read(service.get_job(session, job_id))
 
 
 @router.post("/{job_id}/cancel", response_model=TrainingJobRead, status_code=202, responses=problem_responses(409))
-def cancel_job(job_id: int, actor: PharmacistActor, session: SessionDep) -> TrainingJobRead:
+def cancel_job(job_id: IdPath, actor: PharmacistActor, session: SessionDep) -> TrainingJobRead:
     """Cancel: a queued job at once; a running job stops at its next step (`cancel_requested` until then)."""
     return job_read(service.request_cancel(session, job_id=job_id, actor=actor))

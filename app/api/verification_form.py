@@ -16,6 +16,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from app.errors import DomainError, FieldError, InvalidInput
 from app.inference.images import ImageTooLarge
+from app.schemas.common import CONTROL_CHARACTER_MESSAGE, has_control_characters
 
 IMAGE_FIELD = "image"
 # The text parts and their longest accepted values (characters).
@@ -150,6 +151,8 @@ def _text(parts: dict[str, _Part], name: str, errors: list[FieldError]) -> str |
         return None
     if len(value) > TEXT_FIELDS[name]:
         errors.append(FieldError(name, f"at most {TEXT_FIELDS[name]} characters", "too_long"))
+    elif has_control_characters(value):
+        errors.append(FieldError(name, CONTROL_CHARACTER_MESSAGE, "control_character"))
     return value
 
 

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Header, Path, Query, Request
 from fastapi.responses import JSONResponse
 from prometheus_client import Counter, Histogram
 from sqlalchemy.orm import Session
@@ -19,12 +19,12 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import ClientActor, PharmacistActor, SessionDep, SettingsDep
 from app.api.verification_form import read_verification_form
-from app.errors import DomainError
+from app.errors import DomainError, FieldError, InvalidInput
 from app.inference.engine import ModelUnavailable
 from app.inference.images import ImageLimits
 from app.inference.served import ServedModel
 from app.orm import Resolution, Verification
-from app.schemas.common import problem_responses
+from app.schemas.common import IdQuery, problem_responses
 from app.schemas.verifications import (
     ResolutionCreate,
     ResolutionRead,
@@ -178,9 +178,21 @@ def _result(value: object, kind: type[T]) -> T:
     return value
 
 
-def _utc(value: datetime | None) -> datetime | None:
+# Ids are UUIDs; anything else of this shape is a 404, anything else at all a 422.
+VerificationId = Annotated[str, Path(pattern=r"^[A-Za-z0-9-]{1,36}$", description="The verification's `id`.")]
+
+
+def _utc(value: datetime | None, field: str) -> datetime | None:
     # A time without a zone is read as UTC (the audit log stores UTC).
-    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00+01:00 is before year 1 in UTC
+        raise InvalidInput(f"{field}: outside the range of dates", slug="validation-error",
+                           errors=[FieldError(field, "outside the range of dates", "date_range")]) from None
 
 
 def _resolution_read(resolution: Resolution, row: Verification) -> ResolutionRead:
@@ -205,12 +217,13 @@ def list_verifications(
         verdict: Verdict | None = None,
         ndc: Annotated[str | None, Query(max_length=32, description="Prescribed NDC (any form).")] = None,
         predicted_ndc: Annotated[str | None, Query(max_length=32, description="Predicted NDC (any form).")] = None,
-        model_version: Annotated[int | None, Query(ge=1)] = None,
+        model_version: IdQuery = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
         cursor: Annotated[str | None, Query(max_length=200, description="From a `next` link.")] = None,
 ) -> VerificationPage:
     """The verification log, newest first, with filters and keyset pagination (follow `next`)."""
-    filters = log.LogFilter(created_from=_utc(created_from), created_before=_utc(created_before), verdict=verdict,
+    filters = log.LogFilter(created_from=_utc(created_from, "query.created_from"),
+                            created_before=_utc(created_before, "query.created_before"), verdict=verdict,
                             ndc=ndc, predicted_ndc=predicted_ndc, model_version=model_version)
     rows, next_cursor = log.list_verifications(session, filters=filters, limit=limit, cursor=cursor)
     resolutions = log.latest_resolutions(session, [row.id for row in rows])
@@ -222,7 +235,7 @@ def list_verifications(
 
 
 @router.get("/{verification_id}", response_model=VerificationDetail, responses=problem_responses(401, 403, 404))
-def get_verification(verification_id: str, _actor: PharmacistActor, session: SessionDep) -> VerificationDetail:
+def get_verification(verification_id: VerificationId, _actor: PharmacistActor, session: SessionDep) -> VerificationDetail:
     """One audit record, with its newest resolution."""
     row = log.get_verification(session, verification_id)
     return _detail(row, log.latest_resolutions(session, [row.id]).get(row.id))
@@ -230,7 +243,7 @@ def get_verification(verification_id: str, _actor: PharmacistActor, session: Ses
 
 @router.post("/{verification_id}/resolution", response_model=ResolutionRead, status_code=201,
              responses=problem_responses(401, 403, 404, 422))
-def create_resolution(verification_id: str, body: ResolutionCreate, actor: PharmacistActor,
+def create_resolution(verification_id: VerificationId, body: ResolutionCreate, actor: PharmacistActor,
                       session: SessionDep) -> ResolutionRead:
     """Record what was really in the bottle; with a retained image it becomes a labelled training example."""
     resolution, row = log.add_resolution(session, verification_id=verification_id, actual_ndc=body.actual_ndc,

@@ -119,7 +119,7 @@ def measure_pipeline(served: ServedModel, *, images: Sequence[bytes], batch_size
     def decode(data: bytes, *, draft: bool = True) -> Image.Image:
         return decode_image(data, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels,
                             allowed_formats=limits.allowed_formats,
-                            draft_size=preset.draft_request if draft else None)
+                            draft_size=preset.draft_request if draft else None, min_side=limits.min_side)
 
     drafted = decode(images[0])
     one, batch = [preset(drafted)], [preset(drafted)] * batch_size

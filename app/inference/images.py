@@ -68,6 +68,14 @@ class ImageTooManyPixels(ImageError):
     default_title = "The image has too many pixels"
 
 
+class ImageTooSmall(ImageError):
+    """Too few pixels on a side to show a bottle's contents (a thumbnail, a 1-pixel strip)."""
+
+    status = 422
+    default_slug = "image-too-small"
+    default_title = "The image is too small"
+
+
 class CorruptImage(ImageError):
     """The file is truncated or corrupt and cannot be fully decoded."""
 
@@ -78,17 +86,18 @@ class CorruptImage(ImageError):
 
 @dataclass(frozen=True)
 class ImageLimits:
-    """Upload limits (from settings: max_upload_bytes, max_image_pixels, allowed_image_formats)."""
+    """Upload limits (from settings: max_upload_bytes, max_image_pixels, min_image_side, allowed_image_formats)."""
 
     max_bytes: int = 10 * 1024 * 1024
     max_pixels: int = 40_000_000
     allowed_formats: tuple[str, ...] = DEFAULT_FORMATS
+    min_side: int = 32
 
     @classmethod
     def from_settings(cls, settings: Any) -> ImageLimits:
-        """Read the three limits from an `app.config.Settings`-like object."""
+        """Read the limits from an `app.config.Settings`-like object."""
         return cls(max_bytes=int(settings.max_upload_bytes), max_pixels=int(settings.max_image_pixels),
-                   allowed_formats=tuple(settings.allowed_image_formats))
+                   allowed_formats=tuple(settings.allowed_image_formats), min_side=int(settings.min_image_side))
 
 
 def sha256_hex(data: bytes) -> str:
@@ -132,8 +141,8 @@ def configure_pillow(*, max_pixels: int) -> None:
 
 
 def decode_image(data: bytes, *, max_bytes: int, max_pixels: int,
-                 allowed_formats: Sequence[str] = DEFAULT_FORMATS, draft_size: DraftSize | None = None
-                 ) -> Image.Image:
+                 allowed_formats: Sequence[str] = DEFAULT_FORMATS, draft_size: DraftSize | None = None,
+                 min_side: int = 1) -> Image.Image:
     """Decode an upload into an upright RGB image, or raise an `ImageError` subclass saying why not."""
     if not data:
         raise ImageEmpty("the image file is empty")
@@ -162,6 +171,9 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int,
     if width * height > max_pixels:
         raise ImageTooManyPixels(f"the image is {width}x{height} = {width * height} pixels; "
                                  f"the limit is {max_pixels}")
+    if min(width, height) < min_side:
+        # The model would still name a product for it (it always does): refuse instead of guessing.
+        raise ImageTooSmall(f"the image is {width}x{height}; each side needs at least {min_side} pixels")
     if draft_size is not None and real == "JPEG":
         request = draft_size(width, height) if callable(draft_size) else draft_size
         image.draft("RGB", request)

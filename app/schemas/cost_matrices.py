@@ -6,7 +6,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, Field
 
-from app.schemas.common import RequestModel
+from app.schemas.common import MAX_ID, RequestModel
 
 NdcText = Field(min_length=1, max_length=32, examples=["50111-0434"])
 
@@ -22,7 +22,7 @@ class CostChange(RequestModel):
 class CostMatrixCreate(RequestModel):
     """A new version: the parent's costs with `changes` applied. `parent_version` must be the newest version."""
 
-    parent_version: int | None = Field(strict=True, description="The version these changes were made on (null only for the first).")
+    parent_version: int | None = Field(ge=1, le=MAX_ID, strict=True, description="The version these changes were made on (null only for the first).")
     reason: str = Field(min_length=1, max_length=2000)
     changes: list[CostChange] = Field(min_length=1, max_length=10_000)
 

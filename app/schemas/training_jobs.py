@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from app.schemas.common import RequestModel
+from app.schemas.common import MAX_ID, RequestModel
 
 Method = Literal["csada", "baseline", "penalty", "ap", "sosr", "reweight"]
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -52,9 +52,9 @@ class TrainingJobCreate(RequestModel):
     """Fine-tune a registered model on a registered dataset against a cost-matrix version."""
 
     method: Method = Field(default="csada", description="Training method.")
-    base_model: int | None = Field(default=None, ge=1, strict=True,
+    base_model: int | None = Field(default=None, ge=1, le=MAX_ID, strict=True,
                                    description="Model version to fine-tune (default: the active model).")
-    cost_matrix_version: int | None = Field(default=None, ge=1, strict=True,
+    cost_matrix_version: int | None = Field(default=None, ge=1, le=MAX_ID, strict=True,
                                             description="Cost-matrix version (default: the active version).")
     dataset: str = Field(min_length=1, max_length=100,
                          description="Name of a dataset registered with `rxverify data import-pmi`.")

@@ -13,13 +13,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased, selectinload
 
 from app.errors import Conflict, FieldError, InvalidInput, NotFound
 from app.ndc import NdcError, resolve_ndc
 from app.orm import ACTIVE_STATE_ID, ActiveState, CostMatrixEntry, CostMatrixVersion
+from app.services.active_state import move_active
 from app.services.audit import Actor, record_change
 from app.services.products import catalog_keys, ndc_field_error
 from models.costs import DEFAULT_OFF_DIAGONAL_COST, CostMatrix, CostMatrixError, check_cost
@@ -186,8 +187,7 @@ def activate_version(session: Session, *, ref: VersionRef, actor: Actor, reason:
     previous = active_version_id(session)
     if previous == version.id:
         return version
-    session.execute(update(ActiveState).where(ActiveState.id == ACTIVE_STATE_ID)
-                    .values(cost_matrix_version_id=version.id))
+    move_active(session, "cost_matrix_version_id", previous=previous, new=version.id)
     session.flush()
     record_change(session, actor=actor, action="cost_matrix.activate", entity_type="cost_matrix",
                   entity_id=version.id, reason=reason,

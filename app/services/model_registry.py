@@ -16,12 +16,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.errors import FieldError, InvalidInput, NotFound
 from app.orm import ACTIVE_STATE_ID, ActiveState, ModelPromotion, ModelVersion
+from app.services.active_state import move_active
 from app.services.audit import Actor, record_change
 from app.services.products import catalog_keys
 from models.checkpoint import (
@@ -148,8 +149,7 @@ def activate_model(session: Session, *, model_version_id: int, actor: Actor, rea
     previous = session.scalar(select(ActiveState.model_version_id).where(ActiveState.id == ACTIVE_STATE_ID))
     if previous == version.id:
         return version
-    session.execute(update(ActiveState).where(ActiveState.id == ACTIVE_STATE_ID)
-                    .values(model_version_id=version.id))
+    move_active(session, "model_version_id", previous=previous, new=version.id)
     version.status = "promoted"
     session.add(ModelPromotion(action=action, from_model_version_id=previous, to_model_version_id=version.id,
                                actor=actor.name, actor_key_id=actor.key_id, reason=reason))

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -25,6 +25,7 @@ from app.db import Database
 from app.errors import Conflict, FieldError, InvalidInput, NotFound
 from app.orm import ACTIVE_STATE_ID, ActiveState, Dataset, ModelPromotion, ModelVersion
 from app.services import evaluation
+from app.services.active_state import move_active
 from app.services.audit import Actor, record_change
 from app.services.cost_matrices import active_version_id, cost_matrix_of
 from app.services.model_registry import active_model_version, check_classes_in_catalog, checkpoint_path
@@ -202,8 +203,7 @@ def evaluate_gate(session: Session, settings: Settings, *, candidate: ModelVersi
 
 def _apply(session: Session, *, version: ModelVersion, previous: int | None, action: str, actor: Actor,
            reason: str | None, forced: bool = False, gate: dict[str, Any] | None = None) -> ModelPromotion:
-    session.execute(update(ActiveState).where(ActiveState.id == ACTIVE_STATE_ID)
-                    .values(model_version_id=version.id))
+    move_active(session, "model_version_id", previous=previous, new=version.id)
     version.status = "promoted"
     entry = ModelPromotion(action=action, from_model_version_id=previous, to_model_version_id=version.id,
                            actor=actor.name, actor_key_id=actor.key_id, reason=reason, forced=forced,

@@ -31,7 +31,7 @@ def check_database(engine: Engine) -> CheckResult:
             connection.execute(text("SELECT 1"))
     except Exception as exc:
         logger.warning("database check failed", exc_info=exc)
-        return CheckResult(False, _ms(started), f"{type(exc).__name__}: {exc}"[:300])
+        return CheckResult(False, _ms(started), _public_reason(exc))
     return CheckResult(True, _ms(started))
 
 
@@ -51,8 +51,13 @@ def check_broker(url: str, *, timeout_s: float) -> CheckResult:
             connection.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=timeout_s)
     except Exception as exc:
         logger.warning("broker check failed", exc_info=exc)
-        return CheckResult(False, _ms(started), f"{type(exc).__name__}: {exc}"[:300])
+        return CheckResult(False, _ms(started), _public_reason(exc))
     return CheckResult(True, _ms(started))
+
+
+def _public_reason(exc: Exception) -> str:
+    # /readyz needs no key: the message (hosts, ports, role names) goes to the log only.
+    return f"{type(exc).__name__}; the service log has the details"
 
 
 def _ms(started: float) -> float:

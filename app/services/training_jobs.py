@@ -19,8 +19,8 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.errors import Conflict, FieldError, InvalidInput, NotFound
-from app.orm import CostMatrixVersion, ModelVersion, Resolution, TrainingJob, utcnow
+from app.errors import Conflict, FieldError, Forbidden, InvalidInput, NotFound
+from app.orm import CostMatrixVersion, ModelVersion, Resolution, Role, TrainingJob, utcnow
 from app.services import datasets as dataset_service
 from app.services.audit import Actor, record_change
 from app.services.cost_matrices import active_version_id
@@ -117,6 +117,11 @@ def _cost_matrix_version(session: Session, requested: int | None) -> int:
 def create_job(session: Session, *, request: JobRequest, actor: Actor,
                auto_promote_default: bool) -> tuple[TrainingJob, bool]:
     """Validate and store a job; returns (job, created). An identical live job is returned instead."""
+    if request.auto_promote and not actor.role.includes(Role.ADMIN):
+        # Promotion is an admin's decision; a job that promotes itself is one taken in advance.
+        raise Forbidden("auto_promote: true needs the admin role (promotion is admin-only); leave it out and "
+                        "ask an admin to promote the finished job's model", extra={"required_role": "admin",
+                                                                                  "role": actor.role.value})
     try:
         dataset = dataset_service.get_dataset(session, request.dataset)
     except NotFound as error:

@@ -6,7 +6,7 @@ import base64
 import binascii
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import NamedTuple
 
@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from app.errors import FieldError, InvalidInput, NotFound
 from app.ndc import NdcError, resolve_ndc
 from app.orm import Resolution, Verification, utcnow
+from app.schemas.common import has_control_characters
 from app.services.audit import Actor
 from app.services.products import catalog_keys, ndc_field_error
 
@@ -50,8 +51,11 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         created, row_id = text.split("|", 1)
-        return datetime.fromisoformat(created), row_id
-    except (ValueError, binascii.Error, UnicodeDecodeError):
+        when = datetime.fromisoformat(created)
+        if when.tzinfo is None or has_control_characters(row_id):
+            raise ValueError("not a cursor this service wrote")
+        return when.astimezone(UTC), row_id
+    except (ValueError, OverflowError, binascii.Error, UnicodeDecodeError):
         raise InvalidInput("cursor: not a cursor from a `next` link", slug="validation-error",
                            errors=[FieldError("query.cursor", "invalid cursor", "invalid_cursor")]) from None
 

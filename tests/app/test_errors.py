@@ -43,7 +43,11 @@ def test_empty_and_non_json_bodies(env: ApiEnv) -> None:
     assert _problem(empty, 422, "validation-error")["errors"][0]["field"] == "body"
     as_text = env.client.post("/v1/admin/cost-matrices", content="parent=1", headers={**pharmacist,
                                                                                       "Content-Type": "text/plain"})
-    _problem(as_text, 422, "validation-error")
+    _problem(as_text, 415, "unsupported-media-type")
+    # Valid JSON under another media type is refused for its media type, not as "not a dictionary".
+    json_as_text = env.client.post("/v1/admin/cost-matrices", content='{"parent_version": 1}',
+                                   headers={**pharmacist, "Content-Type": "text/plain; charset=utf-8"})
+    assert "application/json" in _problem(json_as_text, 415, "unsupported-media-type")["detail"]
     array = env.client.post("/v1/admin/cost-matrices", json=[1, 2], headers=pharmacist)
     _problem(array, 422, "validation-error")
 

@@ -51,7 +51,9 @@ def test_readyz_reports_an_unreachable_broker(sqlite_settings: Settings, make_cl
     client.app.state.model_ready = True
     response = client.get("/readyz")
     assert response.status_code == 503 and response.json()["broker"]["ok"] is False
-    assert response.json()["broker"]["error"]
+    error = response.json()["broker"]["error"]
+    # /readyz needs no key: it names the kind of failure, never the broker's address (that goes to the log).
+    assert error and "127.0.0.1" not in error and ":1" not in error
 
 
 def test_metrics_count_requests_by_route(env: ApiEnv) -> None:

@@ -79,7 +79,7 @@ def test_create_answers_202_with_location_defaults_and_a_dispatched_task(jobs: J
 def test_identical_requests_are_deduplicated_until_the_job_fails(jobs: JobEnv) -> None:
     body = {"dataset": "tiny", "method": "baseline", "hyperparameters": {"epochs": 1}, "seed": 3}
     first = jobs.post(body)
-    again = jobs.post({**body, "auto_promote": True})  # not part of the identity
+    again = jobs.post({**body, "auto_promote": True}, role="admin")  # not part of the identity
     assert first.status_code == 202 and again.status_code == 200
     assert again.json()["id"] == first.json()["id"] and again.json()["deduplicated"] is True
     assert again.headers["Location"] == f"{URL}/{first.json()['id']}"

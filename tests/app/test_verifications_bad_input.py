@@ -76,6 +76,10 @@ UPLOAD_CASES: dict[str, tuple[dict[str, Any], int, str]] = {
                                         "image-too-many-pixels"),
     "truncated JPEG": (dict(image=JPEG[: len(JPEG) // 2]), 422, "corrupt-image"),
     "corrupt PNG": (dict(image=image_bytes("PNG")[:40], filename="bottle.png"), 422, "corrupt-image"),
+    # A model names some product for any input; a thumbnail or a 1-pixel strip is refused instead.
+    "1x1 photo": (dict(image=image_bytes("PNG", size=(1, 1)), filename="bottle.png"), 422, "image-too-small"),
+    "1x3000 strip": (dict(image=jpeg_photo(size=(3000, 1))), 422, "image-too-small"),
+    "31x200 photo": (dict(image=jpeg_photo(size=(31, 200))), 422, "image-too-small"),
     "oversized": (dict(image=b"\xff\xd8\xff" + b"\0" * (UPLOAD_LIMIT + 10)), 413, "image-too-large"),
     "unknown NDC": (dict(image=JPEG, ndc="12345-6789-01"), 422, "unknown-ndc"),
     "malformed NDC": (dict(image=JPEG, ndc="not-an-ndc"), 422, "malformed-ndc"),
@@ -83,6 +87,9 @@ UPLOAD_CASES: dict[str, tuple[dict[str, Any], int, str]] = {
     "blank NDC": (dict(image=JPEG, ndc="   "), 422, "validation-error"),
     "NDC too long": (dict(image=JPEG, ndc="1" * 65), 422, "validation-error"),
     "unexpected part": (dict(image=JPEG, patient_name="Jane"), 422, "validation-error"),
+    # PostgreSQL cannot store NUL in text: refused as input on every database, never a 500 at the insert.
+    "NUL in client_reference": (dict(image=JPEG, client_reference="rx\x00123"), 422, "validation-error"),
+    "escape in client_reference": (dict(image=JPEG, client_reference="rx\x1b[2J"), 422, "validation-error"),
 }
 
 

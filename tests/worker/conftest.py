@@ -65,8 +65,9 @@ class Fleet:
         return {"X-API-Key": self.seeded.keys[Role(role)]}
 
     def start_job(self, **body: Any) -> int:
-        """POST a job (dataset `tiny` unless given); its id."""
-        response = self.client.post(JOBS, json={"dataset": "tiny", **body}, headers=self.headers())
+        """POST a job (dataset `tiny` unless given) as a pharmacist, or as an admin when it auto-promotes; its id."""
+        role = "admin" if body.get("auto_promote") else "pharmacist"
+        response = self.client.post(JOBS, json={"dataset": "tiny", **body}, headers=self.headers(role))
         assert response.status_code == 202, response.text
         return int(response.json()["id"])
 

@@ -61,6 +61,7 @@ def test_serve_supervises_a_local_worker_that_runs_a_job(tmp_path: Path,
                               stdout=log.open("wb"), stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     pharmacist = {"X-API-Key": seeded.keys[Role.PHARMACIST]}
+    admin = {"X-API-Key": seeded.keys[Role.ADMIN]}  # an auto-promoting job needs the admin role
     try:
         def ready() -> bool:
             assert server.poll() is None, log.read_text()[-3000:]
@@ -73,7 +74,7 @@ def test_serve_supervises_a_local_worker_that_runs_a_job(tmp_path: Path,
         [worker] = wait_for(lambda: _children(server.pid), timeout=10, what="the local worker")
         wait_for(lambda: " ready." in log.read_text(errors="replace"), timeout=90, interval=0.3, what="worker")
 
-        created = httpx.post(f"{base}/v1/admin/training-jobs", headers=pharmacist, timeout=10,
+        created = httpx.post(f"{base}/v1/admin/training-jobs", headers=admin, timeout=10,
                              json={"dataset": "tiny", "method": "csada", "auto_promote": True,
                                    "hyperparameters": {"epochs": 2, "batch_size": 8, "steps": 3}})
         assert created.status_code == 202, created.text

@@ -19,6 +19,7 @@ from app.inference.images import (
     ImageError,
     ImageTooLarge,
     ImageTooManyPixels,
+    ImageTooSmall,
     UnsupportedImageFormat,
     decode_image,
     sha256_hex,
@@ -174,3 +175,16 @@ def test_mutated_uploads_fail_only_with_image_errors(fmt: str, flips: list[tuple
     except ImageError:
         return
     assert image.mode == "RGB"
+
+
+def test_the_shorter_side_must_reach_the_minimum() -> None:
+    def png(width: int, height: int) -> bytes:
+        out = io.BytesIO()
+        Image.new("RGB", (width, height), "white").save(out, format="PNG")
+        return out.getvalue()
+
+    assert decode_image(png(32, 500), min_side=32, **LIMITS).size == (32, 500)
+    for width, height in ((31, 500), (500, 31), (1, 1)):
+        with pytest.raises(ImageTooSmall, match=f"{width}x{height}"):
+            decode_image(png(width, height), min_side=32, **LIMITS)
+    assert decode_image(png(1, 1), **LIMITS).size == (1, 1)  # the library's default checks nothing

@@ -1,0 +1,37 @@
+"""Moving the active pointers (cost-matrix version, model version) as a compare-and-set.
+
+Every change of an active version is read-then-write: read what is active (the audit's and the
+promotion history's `from`), decide, then point elsewhere. Two such requests at once must not both
+believe they replaced the same version. The pointer is therefore moved only if it still holds the
+version that was read: `UPDATE ... WHERE pointer IS NOT DISTINCT FROM :previous`. The UPDATE takes the
+row's (PostgreSQL) or the database's (SQLite) write lock and re-reads the row under it, so the check
+and the move are one step on both databases, and no lock is held while a request reads or evaluates.
+The request that loses gets a 409 and can retry against the new state.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from sqlalchemy import CursorResult, update
+from sqlalchemy.orm import Session
+
+from app.errors import Conflict
+from app.orm import ACTIVE_STATE_ID, ActiveState
+
+Pointer = Literal["model_version_id", "cost_matrix_version_id"]
+_WHAT = {"model_version_id": "model version", "cost_matrix_version_id": "cost-matrix version"}
+
+
+def move_active(session: Session, pointer: Pointer, *, previous: int | None, new: int) -> None:
+    """Point `pointer` at `new` if it still holds `previous`; else 409 `active-changed`."""
+    column = getattr(ActiveState, pointer)
+    result = session.execute(update(ActiveState)
+                             .where(ActiveState.id == ACTIVE_STATE_ID, column.is_not_distinct_from(previous))
+                             .values({pointer: new}))
+    assert isinstance(result, CursorResult)
+    if result.rowcount != 1:
+        what = _WHAT[pointer]
+        raise Conflict(f"the active {what} changed while this request was handled (it was {previous}); "
+                       "read the new state and retry", slug="active-changed",
+                       title=f"The active {what} changed concurrently", extra={"expected_active": previous})
