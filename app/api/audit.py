@@ -8,11 +8,11 @@ from fastapi import APIRouter, Query
 
 from app.api.deps import PharmacistActor, SessionDep
 from app.schemas.audit import AuditEntryRead, AuditPage
-from app.schemas.common import IdQuery, problem_responses
+from app.schemas.common import NO_CONTROL_PATTERN, IdQuery, problem_responses
 from app.services.audit import list_entries
 
-# Filters match stored values exactly (at most 64 characters, printable): anything else is a 422.
-FilterText = Annotated[str | None, Query(max_length=64, pattern=r"^[^\x00-\x1f\x7f]*$")]
+# Filters match stored values exactly (at most 64 characters, no control characters): anything else is a 422.
+FilterText = Annotated[str | None, Query(max_length=64, pattern=NO_CONTROL_PATTERN)]
 
 router = APIRouter(tags=["audit"], responses=problem_responses(401, 403, 422))
 

@@ -13,11 +13,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 MAX_ID = 2**31 - 1
 IdPath = Annotated[int, Path(ge=1, le=MAX_ID)]
 IdQuery = Annotated[int | None, Query(ge=1, le=MAX_ID)]
-IdField = Field(ge=1, le=MAX_ID, strict=True)
 
 # C0 control characters other than tab, line feed and carriage return. NUL cannot be stored in a
 # PostgreSQL text column at all, and the others have no place in a name, a reason or a note.
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_CONTROL_CLASS = r"\x00-\x08\x0b\x0c\x0e-\x1f\x7f"
+_CONTROL = re.compile(f"[{_CONTROL_CLASS}]")
+# The same rule as a whole-string pattern, for Query(pattern=...) and Path(pattern=...).
+NO_CONTROL_PATTERN = f"^[^{_CONTROL_CLASS}]*$"
 CONTROL_CHARACTER_MESSAGE = "must not contain control characters (NUL, ESC, ...)"
 
 
