@@ -129,6 +129,21 @@ def cancel_requested(database: Database, job_id: int) -> bool:
         return bool(session.scalar(select(TrainingJob.cancel_requested).where(TrainingJob.id == job_id)))
 
 
+def cancelled_under_lock(session: Session, lease: Lease) -> bool:
+    """In the caller's final transaction: take the job row's write lock first (renewing the lease; LeaseLost
+    if it is not ours), then read `cancel_requested`. A cancel that committed before is seen; one that
+    comes later waits for this transaction and then finds the job finished (409)."""
+    update_owned(session, lease, lease_expires_at=utcnow() + timedelta(seconds=lease.ttl_s))
+    return bool(session.scalar(select(TrainingJob.cancel_requested).where(TrainingJob.id == lease.job_id)))
+
+
+def checkpoint_epoch(database: Database, job_id: int) -> tuple[int, dict[str, Any]]:
+    """The epochs held by the job's recorded epoch checkpoint (0 if none), and its stored progress."""
+    with database.session() as session:
+        progress = dict(session.scalar(select(TrainingJob.progress).where(TrainingJob.id == job_id)) or {})
+    return int(progress.get("checkpoint_epoch") or 0), progress
+
+
 def kill_this_process() -> None:
     """SIGKILL this worker process (its supervisor, `rxverify serve` or the container runtime, restarts it)."""
     os.kill(os.getpid(), signal.SIGKILL)
@@ -229,14 +244,16 @@ def requeue_orphans(database: Database, *, send: Callable[[int, str | None], Any
             progress = dict(job.progress or {}) if job is not None else {}
             progress["phase"] = "requeued"
             # Conditional: of several reapers, exactly one moves the job back to queued and sends it.
+            task_id = str(uuid.uuid4())
             result = session.execute(update(TrainingJob).where(
                 TrainingJob.id == job_id, TrainingJob.status == "running", TrainingJob.lease_expires_at < now)
-                .values(status="queued", lease_owner=None, lease_expires_at=None, progress=progress))
+                .values(status="queued", lease_owner=None, lease_expires_at=None, progress=progress,
+                        celery_task_id=task_id))
             won = result.rowcount == 1  # type: ignore[attr-defined]
         if won:
             logger.warning("training job %s lost its worker (lease expired); requeued", job_id)
-            send(job_id, None)
-            requeued.append(job_id)
+            if _send(database, send, job_id, task_id):
+                requeued.append(job_id)
     for job_id in unsent:
         task_id = str(uuid.uuid4())
         with database.session() as session:
@@ -246,9 +263,24 @@ def requeue_orphans(database: Database, *, send: Callable[[int, str | None], Any
             won = result.rowcount == 1  # type: ignore[attr-defined]
         if won:
             logger.warning("training job %s was never sent to the broker; sending it now", job_id)
-            send(job_id, task_id)
-            requeued.append(job_id)
+            if _send(database, send, job_id, task_id):
+                requeued.append(job_id)
     return requeued
+
+
+def _send(database: Database, send: Callable[[int, str | None], Any], job_id: int, task_id: str) -> bool:
+    """Send the job's message; if the broker refuses, forget the task id so that the next pass sends again
+    (a queued job with a task id counts as sent, and nothing else would ever resend it)."""
+    try:
+        send(job_id, task_id)
+        return True
+    except Exception:
+        logger.exception("training job %s could not be sent; the next reaper pass tries again", job_id)
+        with database.session() as session:
+            session.execute(update(TrainingJob).where(TrainingJob.id == job_id, TrainingJob.status == "queued",
+                                                      TrainingJob.celery_task_id == task_id)
+                            .values(celery_task_id=None))
+        return False
 
 
 class Reaper:

@@ -18,6 +18,8 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.orm import Session
+
 from app.config import Settings
 from app.db import Database
 from app.orm import ModelVersion, Role
@@ -104,6 +106,11 @@ def register_and_finish(*, database: Database, settings: Settings, spec: JobSpec
     from models.checkpoint import read_metadata
 
     assert outcome.checkpoint is not None and outcome.metadata is not None
+    if leases.cancel_requested(database, spec.job_id):  # asked after the last step: skip the evaluation
+        with database.session() as session:
+            finish_cancelled(session, lease, hooks=hooks, epochs=outcome.fit.epochs_completed)
+        discard_work_files(workdir)
+        return {"cancelled": True}
     hooks.progress.update(phase="evaluating", eta_s=0.0)
     hooks.write()
     costs = CostMatrix.read_csv(workdir.costs, spec.classes)
@@ -130,31 +137,40 @@ def register_and_finish(*, database: Database, settings: Settings, spec: JobSpec
     actor = worker_actor(spec.job_id)
     promoted: int | None = None
     with database.session() as session:
-        existed = find_by_sha256(session, outcome.weights_sha256 or "") is not None
-        version = register_checkpoint(session, source=workdir.final, settings=settings, actor=actor)
-        if not existed:
-            _set_lineage(version, spec=spec, metrics=metrics, dataset_fingerprint=read_metadata(workdir.final)
-                         .dataset_fingerprint)
-            session.flush()
-        result: dict[str, Any] = {
-            "model_version_id": version.id, "weights_sha256": version.sha256, "new_version": not existed,
-            "valid": evaluation.summary(reports["valid"]), "test": evaluation.summary(reports["test"]),
-            "parent_valid": evaluation.summary(parent_reports["valid"]),
-            "parent_test": evaluation.summary(parent_reports["test"]),
-            "decision": _decision_summary(decision), "epochs_completed": outcome.fit.epochs_completed,
-            "attempt_wall_s": round(time.monotonic() - started, 3)}
-        if spec.auto_promote:
-            result["promotion"] = promotion.auto_promote(session, settings, candidate=version, actor=actor,
-                                                         job_id=spec.job_id, ahead=ahead)
-            promoted = version.id if result["promotion"].get("promoted") else None
+        # Asked while this job was evaluating? A cancel answered 202 must not end in a registered (let
+        # alone promoted) model; the check holds the job row's lock until this transaction commits.
+        cancelled = leases.cancelled_under_lock(session, lease)
+        if cancelled:
+            finish_cancelled(session, lease, hooks=hooks, epochs=outcome.fit.epochs_completed)
         else:
-            result["promotion"] = {"attempted": False}
-        hooks.progress.update(phase="done", fraction=1.0, eta_s=0.0)
-        leases.finish(session, lease, status="succeeded", result=result, error=None,
-                      result_model_version_id=version.id, progress=dict(hooks.progress))
+            existed = find_by_sha256(session, outcome.weights_sha256 or "") is not None
+            version = register_checkpoint(session, source=workdir.final, settings=settings, actor=actor)
+            if not existed:
+                _set_lineage(version, spec=spec, metrics=metrics, dataset_fingerprint=read_metadata(workdir.final)
+                             .dataset_fingerprint)
+                session.flush()
+            result: dict[str, Any] = {
+                "model_version_id": version.id, "weights_sha256": version.sha256, "new_version": not existed,
+                "valid": evaluation.summary(reports["valid"]), "test": evaluation.summary(reports["test"]),
+                "parent_valid": evaluation.summary(parent_reports["valid"]),
+                "parent_test": evaluation.summary(parent_reports["test"]),
+                "decision": _decision_summary(decision), "epochs_completed": outcome.fit.epochs_completed,
+                "attempt_wall_s": round(time.monotonic() - started, 3)}
+            if spec.auto_promote:
+                result["promotion"] = promotion.auto_promote(session, settings, candidate=version, actor=actor,
+                                                             job_id=spec.job_id, ahead=ahead)
+                promoted = version.id if result["promotion"].get("promoted") else None
+            else:
+                result["promotion"] = {"attempted": False}
+            hooks.progress.update(phase="done", fraction=1.0, eta_s=0.0)
+            leases.finish(session, lease, status="succeeded", result=result, error=None,
+                          result_model_version_id=version.id, progress=dict(hooks.progress))
+    if cancelled:
+        discard_work_files(workdir)
+        return {"cancelled": True}
     if promoted is not None:
         promotion.publish_active_change(settings, model_version_id=promoted, action="auto_promote")
-    _discard_work_files(workdir)
+    discard_work_files(workdir)
     logger.info("training job %s succeeded: model version %s%s", spec.job_id, result["model_version_id"],
                 " (promoted)" if promoted else "")
     return result
@@ -172,9 +188,19 @@ def _set_lineage(version: ModelVersion, *, spec: JobSpec, metrics: dict[str, Any
     version.created_by = worker_actor(spec.job_id).name
 
 
-def _discard_work_files(workdir: Workdir) -> None:
-    """After success the registered copy is what counts: drop the epoch checkpoint (optimiser state
-    included, several times the model) and the intermediate checkpoints; costs.csv stays for the record."""
+def finish_cancelled(session: Session, lease: Lease, *, hooks: Hooks, epochs: int) -> None:
+    """End the job as cancelled in the caller's transaction (nothing is registered); the caller drops the
+    job's files once that transaction has committed (`discard_work_files`)."""
+    hooks.progress.update(phase="cancelled", eta_s=None)
+    leases.finish(session, lease, status="cancelled", progress=dict(hooks.progress),
+                  result={"cancelled_after_epochs": epochs})
+    logger.info("training job %s cancelled after %d epoch(s)", lease.job_id, epochs)
+
+
+def discard_work_files(workdir: Workdir) -> None:
+    """Once a job has ended (succeeded, cancelled or failed; none is resumed after that) drop the epoch
+    checkpoint (optimiser state included, several times the model) and the intermediate checkpoints;
+    costs.csv stays for the record."""
     for path in (workdir.state, workdir.out, workdir.final, workdir.data):
         try:
             if path.is_symlink() or path.is_file():

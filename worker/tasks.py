@@ -64,6 +64,7 @@ class JobTask(Task):  # type: ignore[misc]
             return {"job_id": job_id, "skipped": claim.reason}
         lease = claim.lease
         logger.info("training job %s claimed by %s (attempt %d)", job_id, lease.owner, claim.attempt)
+        start_epoch, _ = leases.checkpoint_epoch(self.database, job_id)
         started = time.monotonic()
         deadline = started + self.settings.task_soft_time_limit_s
         # The heartbeat's hard limit fires a little after Celery's own (prefork), so it only acts where
@@ -77,7 +78,10 @@ class JobTask(Task):  # type: ignore[misc]
                 logger.warning("training job %s: lease lost; another attempt owns it now", job_id)
                 return {"job_id": job_id, "skipped": "lease lost"}
             except SoftTimeLimitExceeded:
-                return self._time_limited(job_id, lease=lease, progress={})
+                # Celery's own soft limit (prefork pool) interrupts wherever training was: judge progress
+                # by the epoch checkpoints the database recorded during this attempt, and keep its progress.
+                now_epoch, progress = leases.checkpoint_epoch(self.database, job_id)
+                return self._time_limited(job_id, lease=lease, progress=progress, progressed=now_epoch > start_epoch)
             except Retry:
                 raise
             except Exception as error:
@@ -98,21 +102,21 @@ class JobTask(Task):  # type: ignore[misc]
             raise leases.LeaseLost(f"training job {job_id} lost its lease")
         if outcome.stopped:
             if hooks.stop_reason == "cancelled":
-                hooks.progress.update(phase="cancelled", eta_s=None)
                 with self.database.session() as session:
-                    leases.finish(session, lease, status="cancelled", progress=dict(hooks.progress),
-                                  result={"cancelled_after_epochs": outcome.fit.epochs_completed})
-                logger.info("training job %s cancelled", job_id)
+                    registration.finish_cancelled(session, lease, hooks=hooks, epochs=outcome.fit.epochs_completed)
+                registration.discard_work_files(workdir)
                 return {"job_id": job_id, "status": "cancelled"}
             progressed = (hooks.progress.get("checkpoint_epoch") or 0) > hooks.start_epoch
             return self._time_limited(job_id, lease=lease, progress=hooks.progress, progressed=progressed)
         result = registration.register_and_finish(database=self.database, settings=self.settings, spec=spec,
                                                   lease=lease, hooks=hooks, outcome=outcome, data_root=data_root,
                                                   workdir=workdir, started=started)
+        if result.get("cancelled"):
+            return {"job_id": job_id, "status": "cancelled"}
         return {"job_id": job_id, "status": "succeeded", "model_version_id": result["model_version_id"]}
 
     def _time_limited(self, job_id: int, *, lease: leases.Lease, progress: dict[str, Any],
-                      progressed: bool = True) -> dict[str, Any]:
+                      progressed: bool) -> dict[str, Any]:
         """Back to queued with the last epoch checkpoint kept, then retried (it resumes from the checkpoint)."""
         retries = int(self.request.retries or 0)
         if not progressed:
@@ -129,6 +133,9 @@ class JobTask(Task):  # type: ignore[misc]
         raise self.retry(countdown=1, max_retries=MAX_TIME_LIMIT_RETRIES)
 
     def _fail(self, lease: leases.Lease, error: BaseException) -> None:
+        from worker.registration import discard_work_files
+        from worker.training import Workdir
+
         message = f"{type(error).__name__}: {error}"
         try:
             with self.database.session() as session:
@@ -136,6 +143,9 @@ class JobTask(Task):  # type: ignore[misc]
                               result={"traceback": traceback.format_exception(error)[-3:]})
         except leases.LeaseLost:
             logger.warning("training job %s failed after its lease was lost; not recorded", lease.job_id)
+            return  # another attempt owns the job and its files
+        # A failed job is never resumed (the same request makes a new job), so its files are dead weight.
+        discard_work_files(Workdir.of(self.settings, lease.job_id))
 
 
 def run_training_job(self: JobTask, job_id: int) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from app.config import Settings
 from app.db import Database
@@ -261,16 +262,27 @@ class Hooks:
     start_epoch: int = 0
     stop_reason: str | None = None
     progress: dict[str, Any] = field(default_factory=dict)
+    _unwritten: dict[str, Any] = field(default_factory=dict)  # columns whose write failed, sent with the next
     _last_write: float = -math.inf
     _last_poll: float = -math.inf
 
     def write(self, **values: Any) -> None:
-        """Store progress (and other columns) while the lease is ours; a lost lease stops the attempt."""
+        """Store progress (and other columns) while the lease is ours; a lost lease stops the attempt.
+
+        A database error (busy, briefly unreachable) does not: training goes on, and the next write
+        carries these columns too (the epoch checkpoint's `resume_path` must reach the row eventually).
+        """
         self.progress["updated_at"] = utcnow().isoformat(timespec="seconds")
+        self._unwritten.update(values)
         try:
-            leases.write(self.database, self.lease, progress=dict(self.progress), **values)
+            leases.write(self.database, self.lease, progress=dict(self.progress), **self._unwritten)
         except leases.LeaseLost:
             self.heartbeat.lost.set()
+        except SQLAlchemyError as error:
+            logger.warning("training job %s: progress not recorded this time (%s); training goes on",
+                           self.lease.job_id, type(error).__name__)
+            return
+        self._unwritten.clear()
 
     def on_progress(self, event: ProgressEvent) -> None:
         """Epoch/step of the total, loss, attack success rate and ETA; written at most every second."""
@@ -298,8 +310,12 @@ class Hooks:
                 self.stop_reason = "time-limit"
             elif now - self._last_poll >= CANCEL_POLL_S:
                 self._last_poll = now
-                if leases.cancel_requested(self.database, self.lease.job_id):
-                    self.stop_reason = "cancelled"
+                try:
+                    if leases.cancel_requested(self.database, self.lease.job_id):
+                        self.stop_reason = "cancelled"
+                except SQLAlchemyError as error:  # asked again at the next poll
+                    logger.warning("training job %s: cancel poll failed (%s)", self.lease.job_id,
+                                   type(error).__name__)
         return self.stop_reason is not None
 
     def on_epoch_end(self, state: TrainingState) -> None:

@@ -6,16 +6,23 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
+from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy import update
+from sqlalchemy.exc import OperationalError
 
 from app.config import Settings
 from app.db import Database
-from app.orm import Resolution, Verification
+from app.orm import ModelPromotion, ModelVersion, Resolution, TrainingJob, Verification, utcnow
 from app.services.audit import Actor
-from app.services.training_jobs import JobRequest, create_job
+from app.services.training_jobs import JobRequest, create_job, request_cancel
+from tests.app.factories import count_rows
 from tests.worker.factories import CLASSES, job_row, seeded_sqlite_settings, tiny_assets
+from worker import leases, registration, training
 from worker.celery_app import create_celery_app
 from worker.tasks import RUN_JOB, JobTask, run_training_job
 from worker.training import Workdir, load_spec, prepare_data
@@ -176,5 +183,91 @@ def test_the_hard_limit_survives_a_lost_lease_and_spares_a_disarmed_or_finished_
         with beat:
             pass
         assert not killed.wait(1.5)
+    finally:
+        database.dispose()
+
+
+def _task_and_job(tmp_path: Path, assets_root: Path, **request: Any) -> tuple[Settings, Any, int]:
+    settings, _seeded = seeded_sqlite_settings(assets_root, tiny_assets(assets_root / "tiny-assets"),
+                                               tmp_path / "data", torch_threads=1, task_soft_time_limit_s=600,
+                                               task_time_limit_s=660)
+    job_id = _job(settings, JobRequest(method="baseline", dataset="tiny", **request))
+    app = create_celery_app(settings.model_copy(update={"result_backend": "cache+memory://"}))
+    return settings, app.task(bind=True, base=JobTask, name=RUN_JOB)(run_training_job), job_id
+
+
+def test_a_cancel_while_the_model_is_evaluated_registers_and_promotes_nothing(
+        tmp_path: Path, assets_root: Path, task_settings: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings, task, job_id = _task_and_job(tmp_path, assets_root, auto_promote=True,
+                                           hyperparameters={"epochs": 1, "batch_size": 8})
+    finalise = registration.finalise_checkpoint
+
+    def cancel_then_finalise(*args: Any, **kwargs: Any) -> Any:  # the pharmacist presses cancel meanwhile
+        database = Database(settings)
+        try:
+            with database.session() as session:
+                assert request_cancel(session, job_id=job_id, actor=Actor.cli("tests")).cancel_requested
+        finally:
+            database.dispose()
+        return finalise(*args, **kwargs)
+
+    monkeypatch.setattr(registration, "finalise_checkpoint", cancel_then_finalise)
+    assert task.apply(args=[job_id]).get() == {"job_id": job_id, "status": "cancelled"}
+    row = job_row(settings, job_id)
+    assert row["status"] == "cancelled" and row["result_model_version_id"] is None
+    assert count_rows(settings, ModelVersion) == 2 and count_rows(settings, ModelPromotion) == 1  # the seeded ones
+    # A job that ended is never resumed: only its cost matrix stays on disk.
+    assert sorted(p.name for p in Workdir.of(settings, job_id).root.iterdir()) == ["costs.csv"]
+
+
+def test_a_database_blip_on_a_progress_write_does_not_fail_training(
+        tmp_path: Path, assets_root: Path, task_settings: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings, task, job_id = _task_and_job(tmp_path, assets_root, hyperparameters={"epochs": 3, "batch_size": 8})
+    write, calls = leases.write, []
+
+    def busy_once(database: Database, lease: leases.Lease, **values: Any) -> None:
+        calls.append(sorted(values))
+        if len(calls) == 3:
+            raise OperationalError("UPDATE training_jobs", {}, Exception("database is locked"))
+        write(database, lease, **values)
+
+    monkeypatch.setattr(leases, "write", busy_once)
+    assert task.apply(args=[job_id]).get()["status"] == "succeeded"
+    assert len(calls) > 3 and job_row(settings, job_id)["status"] == "succeeded"
+
+
+def test_celerys_soft_limit_before_any_epoch_fails_once_and_keeps_the_progress(
+        tmp_path: Path, assets_root: Path, task_settings: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings, task, job_id = _task_and_job(tmp_path, assets_root, hyperparameters={"epochs": 1, "batch_size": 8})
+    attempts: list[int] = []
+
+    def interrupted(**_kwargs: Any) -> Any:  # what the prefork pool raises when an epoch outlasts the limit
+        attempts.append(1)
+        raise SoftTimeLimitExceeded()
+
+    monkeypatch.setattr(training, "run", interrupted)
+    assert task.apply(args=[job_id]).get()["status"] == "failed"
+    row = job_row(settings, job_id)
+    assert len(attempts) == 1 and row["status"] == "failed" and "before one epoch finished" in row["error"]
+    assert row["progress"].get("phase") == "queued"  # what it was, not wiped
+
+
+def test_a_failed_resend_is_sent_again_by_the_next_reaper_pass(tmp_path: Path, assets_root: Path) -> None:
+    settings, _task, job_id = _task_and_job(tmp_path, assets_root, hyperparameters={"epochs": 1, "batch_size": 8})
+    database = Database(settings)
+    try:
+        with database.session() as session:  # its worker died: the lease expired long ago
+            session.execute(update(TrainingJob).where(TrainingJob.id == job_id).values(
+                status="running", lease_owner="gone/1/x", lease_expires_at=utcnow() - timedelta(seconds=5),
+                celery_task_id="first-message"))
+
+        def broker_down(_job: int, _task_id: str | None) -> None:
+            raise ConnectionError("broker unreachable")
+
+        assert leases.requeue_orphans(database, send=broker_down) == []
+        assert job_row(settings, job_id)["celery_task_id"] is None  # so that it counts as never sent
+        sent: list[tuple[int, str | None]] = []
+        assert leases.requeue_orphans(database, send=lambda j, t: sent.append((j, t)), unsent_grace_s=0) == [job_id]
+        assert sent == [(job_id, job_row(settings, job_id)["celery_task_id"])] and sent[0][1]
     finally:
         database.dispose()
