@@ -126,7 +126,11 @@ def release(database: Database, lease: Lease, *, progress: dict[str, Any]) -> No
 def cancel_requested(database: Database, job_id: int) -> bool:
     """Whether someone asked the job to stop."""
     with database.session() as session:
-        return bool(session.scalar(select(TrainingJob.cancel_requested).where(TrainingJob.id == job_id)))
+        return _cancel_flag(session, job_id)
+
+
+def _cancel_flag(session: Session, job_id: int) -> bool:
+    return bool(session.scalar(select(TrainingJob.cancel_requested).where(TrainingJob.id == job_id)))
 
 
 def cancelled_under_lock(session: Session, lease: Lease) -> bool:
@@ -134,7 +138,7 @@ def cancelled_under_lock(session: Session, lease: Lease) -> bool:
     if it is not ours), then read `cancel_requested`. A cancel that committed before is seen; one that
     comes later waits for this transaction and then finds the job finished (409)."""
     update_owned(session, lease, lease_expires_at=utcnow() + timedelta(seconds=lease.ttl_s))
-    return bool(session.scalar(select(TrainingJob.cancel_requested).where(TrainingJob.id == lease.job_id)))
+    return _cancel_flag(session, lease.job_id)
 
 
 def checkpoint_epoch(database: Database, job_id: int) -> tuple[int, dict[str, Any]]:

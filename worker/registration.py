@@ -107,9 +107,7 @@ def register_and_finish(*, database: Database, settings: Settings, spec: JobSpec
 
     assert outcome.checkpoint is not None and outcome.metadata is not None
     if leases.cancel_requested(database, spec.job_id):  # asked after the last step: skip the evaluation
-        with database.session() as session:
-            finish_cancelled(session, lease, hooks=hooks, epochs=outcome.fit.epochs_completed)
-        discard_work_files(workdir)
+        end_cancelled(database, lease, hooks=hooks, workdir=workdir, epochs=outcome.fit.epochs_completed)
         return {"cancelled": True}
     hooks.progress.update(phase="evaluating", eta_s=0.0)
     hooks.write()
@@ -186,6 +184,13 @@ def _set_lineage(version: ModelVersion, *, spec: JobSpec, metrics: dict[str, Any
     version.code_version = code_version()
     version.metrics = metrics
     version.created_by = worker_actor(spec.job_id).name
+
+
+def end_cancelled(database: Database, lease: Lease, *, hooks: Hooks, workdir: Workdir, epochs: int) -> None:
+    """End the job as cancelled in a transaction of its own, then drop its files."""
+    with database.session() as session:
+        finish_cancelled(session, lease, hooks=hooks, epochs=epochs)
+    discard_work_files(workdir)
 
 
 def finish_cancelled(session: Session, lease: Lease, *, hooks: Hooks, epochs: int) -> None:

@@ -102,9 +102,8 @@ class JobTask(Task):  # type: ignore[misc]
             raise leases.LeaseLost(f"training job {job_id} lost its lease")
         if outcome.stopped:
             if hooks.stop_reason == "cancelled":
-                with self.database.session() as session:
-                    registration.finish_cancelled(session, lease, hooks=hooks, epochs=outcome.fit.epochs_completed)
-                registration.discard_work_files(workdir)
+                registration.end_cancelled(self.database, lease, hooks=hooks, workdir=workdir,
+                                           epochs=outcome.fit.epochs_completed)
                 return {"job_id": job_id, "status": "cancelled"}
             progressed = (hooks.progress.get("checkpoint_epoch") or 0) > hooks.start_epoch
             return self._time_limited(job_id, lease=lease, progress=hooks.progress, progressed=progressed)
