@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -24,6 +25,28 @@ def select_device(preference: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {preference!r} was asked for but CUDA is not available")
     return device
+
+
+@contextlib.contextmanager
+def deterministic_kernels() -> Iterator[None]:
+    """Deterministic cuDNN/cuBLAS kernels inside the block (for bit-for-bit comparisons), then as before.
+
+    With the defaults, cuDNN may pick a different algorithm for the same convolution from one call to
+    the next (autotuning, or kernels that sum in a varying order), so two runs of the same computation
+    can differ in the last bits on a GPU: `rxverify bench attack` on an H100 reported "identical false"
+    for the fused and reference attacks until they ran under this. The CPU kernels are deterministic
+    already. cuBLAS also needs CUBLAS_WORKSPACE_CONFIG set before its first use; it is set here if unset.
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    saved = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+             torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[0], saved[1]
+        torch.use_deterministic_algorithms(saved[2], warn_only=saved[3])
 
 
 def seed_everything(seed: int) -> None:

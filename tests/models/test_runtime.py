@@ -1,4 +1,4 @@
-"""Runtime helpers: the inference copy the service serves (BatchNorm folded, channels-last)."""
+"""Runtime helpers: the inference copy the service serves (BatchNorm folded, channels-last), deterministic kernels."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from models.networks import ARCHITECTURES, create_model
-from models.runtime import channels_last_input, prepare_for_inference
+from models.runtime import channels_last_input, deterministic_kernels, prepare_for_inference
 
 
 def _with_running_statistics(model: nn.Module) -> nn.Module:
@@ -104,3 +104,14 @@ def test_a_batchnorm_whose_convolution_output_is_reused_is_kept() -> None:
     assert isinstance(prepared.bn, nn.BatchNorm2d)
     with torch.inference_mode():
         assert torch.allclose(prepared(channels_last_input(x)), model(x), atol=1e-6)
+
+
+def test_deterministic_kernels_are_restored_after_the_block() -> None:
+    before = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+              torch.are_deterministic_algorithms_enabled())
+    with pytest.raises(RuntimeError, match="inside"), deterministic_kernels():
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert torch.are_deterministic_algorithms_enabled()
+        raise RuntimeError("inside")
+    assert (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+            torch.are_deterministic_algorithms_enabled()) == before
