@@ -26,7 +26,7 @@ from app.inference.served import ServedModel, forward_probabilities, load_served
 from models.checkpoint import CheckpointMetadata, load_checkpoint, save_checkpoint
 from models.networks import create_model
 from models.pmi import PMI_PRODUCTS
-from models.runtime import autocast_context, prepare_for_inference, select_device, set_cpu_threads
+from models.runtime import prepare_for_inference, select_device, set_cpu_threads
 from models.transforms import EvalPreset
 
 PMI_PHOTO_SIZE = (1284, 960)
@@ -141,7 +141,7 @@ def measure_pipeline(served: ServedModel, *, images: Sequence[bytes], batch_size
         eager_one, eager_batch = torch.stack(one).to(served.device), torch.stack(batch).to(served.device)
 
         def eager_forward(inputs: torch.Tensor) -> None:
-            with torch.inference_mode(), autocast_context(served.device):
+            with torch.inference_mode():  # float32, as the service serves by default
                 eager(inputs)
 
         figures["forward_1_eager_ms"] = _median_ms(lambda: eager_forward(eager_one), repeats=repeats * 3,

@@ -87,7 +87,7 @@ class EngineConfig:
     queue_size: int = 256
     device: str = "auto"
     torch_threads: int | None = None
-    autocast: bool = True
+    autocast: bool = False  # bf16 autocast on CUDA (settings.inference_amp); float32 by default
     warmup_batch_sizes: tuple[int, ...] = ()  # empty: 1 and max_batch_size
     drain_timeout_s: float = 30.0
     adaptive_wait: bool = True  # wait for partners only while some request is still being preprocessed
@@ -104,7 +104,8 @@ class EngineConfig:
         """Read the engine settings from an `app.config.Settings`-like object."""
         return cls(max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_batch_wait_ms,
                    queue_size=settings.inference_queue_size, device=settings.device,
-                   torch_threads=settings.torch_threads, inference_workers=settings.inference_workers)
+                   torch_threads=settings.torch_threads, inference_workers=settings.inference_workers,
+                   autocast=settings.inference_amp)
 
     @property
     def warmup_sizes(self) -> tuple[int, ...]:

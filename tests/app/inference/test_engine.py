@@ -300,6 +300,14 @@ def test_inference_workers_compute_that_many_batches_at_once(checkpoints: dict[s
         EngineConfig(inference_workers=0)
 
 
+def test_the_engine_serves_float32_unless_amp_is_set(tmp_path: Path) -> None:
+    """The thresholds were fitted on float32 outputs: bf16 autocast is an operator's opt-in."""
+    from app.config import Settings
+
+    assert EngineConfig.from_settings(Settings(data_dir=tmp_path)).autocast is False
+    assert EngineConfig.from_settings(Settings(data_dir=tmp_path, inference_amp=True)).autocast is True
+
+
 def test_a_swap_frees_the_old_model_without_a_full_garbage_collection(
         checkpoints: dict[str, Path], uploads: list[bytes], monkeypatch: pytest.MonkeyPatch) -> None:
     """gc.collect() stalls every thread of a serving process: a swap relies on reference counting."""
