@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 from urllib.parse import urlencode
@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import ClientActor, PharmacistActor, SessionDep, SettingsDep
 from app.api.verification_form import read_verification_form
+from app.db import Database
 from app.errors import DomainError, FieldError, InvalidInput
 from app.inference.engine import ModelUnavailable
 from app.inference.images import ImageLimits
@@ -153,15 +154,25 @@ async def _verify(request: Request, *, actor_key_id: int | None, session: Sessio
         service.check_served(served.classes, prescribed_ndc=prepared.prescribed_ndc, model_version=served.version)
         tensor, image_info = _result(results[1], tuple)
         prediction = await engine.submit(tensor, served=served)
-    outcome = await run_in_threadpool(
+    finish = functools.partial(
         service.finish, session, settings=settings, prepared=prepared, prediction=prediction, image=form.image,
         image_info=image_info, prescribed_ndc_input=form.prescribed_ndc, client_reference=form.client_reference,
         api_key_id=actor_key_id, idempotency_key=idempotency_key, latency_ms=(time.perf_counter() - started) * 1000)
+    outcome = await run_in_threadpool(_write_and_commit, request.app.state.db, session, finish)
     if outcome.replayed:
         return JSONResponse(outcome.body, headers={"Idempotent-Replayed": "true"}), "replay"
     assert outcome.decision is not None
     VERDICTS.labels(verdict=outcome.decision.verdict, model_version=prediction.model_version).inc()
     return JSONResponse(outcome.body), "verdict"
+
+
+def _write_and_commit(database: Database, session: Session, write: Callable[[], T]) -> T:
+    """Run `write` and commit in one thread call, holding the database's write queue (SQLite) throughout:
+    the write lock is never held across a return to the event loop."""
+    with database.serialized_write():
+        result = write()
+        session.commit()
+    return result
 
 
 async def _decode(request: Request, served: ServedModel, image: bytes, *, limits: ImageLimits) -> Any:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -218,3 +220,33 @@ def test_a_pharmacist_reads_the_thresholds_a_cost_edit_would_bring_before_activa
         answer = served.client.get(path, params=params, headers=pharmacist)
         assert answer.status_code == status and answer.headers["content-type"] == "application/problem+json"
     assert served.client.get("/v1/admin/models/1/policy", headers=served.as_role("client")).status_code == 403
+
+
+def test_the_audit_row_is_committed_inside_the_sqlite_write_queue(served: ApiEnv) -> None:
+    """In-process SQLite writers queue on a mutex instead of sleeping in SQLite's busy handler, and the
+    row is committed before the mutex is let go (no write lock is held across the event loop)."""
+    database = served.client.app.state.db
+    assert isinstance(database.serialized_write(), type(threading.Lock()))
+    committed_at_release: list[int] = []
+
+    class Recording:
+        def __enter__(self) -> None:
+            committed_at_release.append(-1)
+
+        def __exit__(self, *exc: object) -> None:
+            committed_at_release[-1] = len(rows(served.settings))  # what another connection sees
+
+    database._write_lock = Recording()
+    for expected in (1, 2):
+        response = post_verification(served.client, served.keys[Role.CLIENT], image=jpeg_photo(seed=expected))
+        assert response.status_code == 200, response.text
+        assert committed_at_release[-1] == expected
+    assert committed_at_release == [1, 2]
+
+
+def test_postgresql_writers_do_not_queue_in_process(pg_settings: Any) -> None:
+    postgres = Database(pg_settings)
+    try:
+        assert isinstance(postgres.serialized_write(), contextlib.nullcontext)  # concurrent inserts are fine there
+    finally:
+        postgres.dispose()
