@@ -45,6 +45,8 @@ class BenchConfig:
     work_dir: Path | None
     rounds: int = 3
     inference_workers: int = 1
+    arch: str = "resnet18"  # of the untrained model served when `model` is None
+    image_size: int = 224
 
 
 def register(sub: Any, groups: dict[str, Any]) -> None:
@@ -52,7 +54,11 @@ def register(sub: Any, groups: dict[str, Any]) -> None:
     parser = groups["bench"].add_parser("service", help="throughput and latency of the verification service")
     parser.add_argument("--json", dest="json_out", type=Path, default=None, help="write the results here")
     parser.add_argument("--model", type=Path, default=None,
-                        help="checkpoint to serve (default: an untrained ResNet-18 @224 over the 20 PMI classes)")
+                        help="checkpoint to serve (default: an untrained --arch at --image-size over the 20 PMI classes)")
+    parser.add_argument("--arch", default="resnet18",
+                        help="architecture of the untrained default model (default resnet18; tiny_cnn isolates the "
+                             "service's own per-request cost)")
+    parser.add_argument("--image-size", type=int, default=224, help="input size of the untrained default model")
     parser.add_argument("--requests", type=int, default=96, help="measured requests per concurrency level (all rounds)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (service, naive and raw in each)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -89,7 +95,7 @@ def handle(args: argparse.Namespace) -> int:
                          torch_threads=args.torch_threads, max_batch_size=args.max_batch_size,
                          batch_wait_ms=args.batch_wait_ms, photos=args.photos, single_reps=args.single_reps,
                          decode_workers=args.decode_workers, work_dir=args.work_dir,
-                         rounds=args.rounds,
+                         rounds=args.rounds, arch=args.arch, image_size=args.image_size,
                          inference_workers=args.inference_workers or default_inference_workers(args.device,
                                                                                                 args.torch_threads))
     result = run_bench(config)
@@ -216,7 +222,8 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     print(f"rendering {config.photos} photos at 1284x960 in {work}", flush=True)
     photos = support.render_photos(work / "photos", count=config.photos)
     untrained = config.model is None
-    checkpoint = config.model or support.build_resnet18_checkpoint(work / "resnet18-untrained")
+    checkpoint = config.model or support.build_untrained_checkpoint(
+        work / f"{config.arch}-{config.image_size}-untrained", arch=config.arch, image_size=config.image_size)
     token = _prepare_data_dir(work / "data", checkpoint)
     bodies = [support.multipart_body(photo, prescribed_ndc=PMI_PRODUCTS[i % len(PMI_PRODUCTS)].ndc)
               for i, photo in enumerate(photos)]
@@ -229,6 +236,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
            "RXVERIFY_TORCH_THREADS": threads, "RXVERIFY_MAX_BATCH_SIZE": str(config.max_batch_size),
            "RXVERIFY_MAX_BATCH_WAIT_MS": str(config.batch_wait_ms), "RXVERIFY_LOG_FORMAT": "json",
            "RXVERIFY_INFERENCE_WORKERS": str(config.inference_workers),
+           "RXVERIFY_INFERENCE_AMP": "false",  # float32, like the raw pipeline and the naive server
            # One pooled connection per concurrent request: overflow connections are opened and closed per use.
            "RXVERIFY_DB_POOL_SIZE": str(max(config.concurrency) + 4)}
     naive_env = {"RXVERIFY_BENCH_CHECKPOINT": str(checkpoint), "RXVERIFY_DEVICE": config.device,
@@ -280,8 +288,8 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         "targets": TARGETS,
         "device": raw["device"],
         "torch_threads": config.torch_threads,
-        "model": {"checkpoint": str(checkpoint), "arch": "resnet18" if untrained else "from --model",
-                  "image_size": 224 if untrained else None, "untrained": untrained,
+        "model": {"checkpoint": str(checkpoint), "arch": config.arch if untrained else "from --model",
+                  "image_size": config.image_size if untrained else None, "untrained": untrained,
                   "note": ("untrained weights (random init) with a policy fitted on simulated outputs: the timings "
                            "are real, the verdicts mean nothing") if untrained else "as given"},
         "engine": {"max_batch_size": config.max_batch_size, "max_batch_wait_ms": config.batch_wait_ms,

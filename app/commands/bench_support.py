@@ -50,8 +50,8 @@ def render_photos(directory: Path, *, count: int, seed: int = 0) -> list[bytes]:
     return photos
 
 
-def build_resnet18_checkpoint(directory: Path, *, image_size: int = 224, seed: int = 0) -> Path:
-    """An UNTRAINED ResNet-18 over the 20 PMI classes with a verdict policy fitted on simulated outputs.
+def build_untrained_checkpoint(directory: Path, *, arch: str = "resnet18", image_size: int = 224, seed: int = 0) -> Path:
+    """An UNTRAINED `arch` over the 20 PMI classes with a verdict policy fitted on simulated outputs.
 
     Good for timing only: the weights are random, so its verdicts mean nothing.
     """
@@ -66,7 +66,7 @@ def build_resnet18_checkpoint(directory: Path, *, image_size: int = 224, seed: i
     if (directory / "model.safetensors").is_file():
         return directory
     torch.manual_seed(seed)
-    model = create_model("resnet18", len(PMI_NDCS))
+    model = create_model(arch, len(PMI_NDCS), input_shape=(3, image_size, image_size))
     rng = np.random.default_rng(seed)
     labels = np.repeat(np.arange(len(PMI_NDCS)), 10)
     probs = rng.dirichlet(np.full(len(PMI_NDCS), 0.3), size=labels.size)
@@ -74,7 +74,7 @@ def build_resnet18_checkpoint(directory: Path, *, image_size: int = 224, seed: i
     probs /= probs.sum(axis=1, keepdims=True)
     policy = fit_policy(probs, labels, cost_matrix=CostMatrix.from_pairs(PMI_NDCS, PMI_EXPERT_COSTS),
                         critical_cost=5.0, classes=PMI_NDCS, seed=seed)
-    metadata = CheckpointMetadata(classes=PMI_NDCS, arch="resnet18", in_channels=3, image_size=image_size,
+    metadata = CheckpointMetadata(classes=PMI_NDCS, arch=arch, in_channels=3, image_size=image_size,
                                   mean=IMAGENET_MEAN, std=IMAGENET_STD, method="untrained-benchmark",
                                   decision=policy.to_dict())
     save_checkpoint(directory, model=model, metadata=metadata)

@@ -174,8 +174,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     """The whole benchmark; returns the JSON document."""
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="rxverify-bench-swap-"))
     work.mkdir(parents=True, exist_ok=True)
-    checkpoints = (support.build_resnet18_checkpoint(work / "model-a", image_size=args.image_size, seed=0),
-                   support.build_resnet18_checkpoint(work / "model-b", image_size=args.image_size, seed=1))
+    checkpoints = (support.build_untrained_checkpoint(work / "model-a", image_size=args.image_size, seed=0),
+                   support.build_untrained_checkpoint(work / "model-b", image_size=args.image_size, seed=1))
     photos = support.render_photos(work / "photos", count=args.photos)
     data_dir = work / "data"
     client_key, admin_key, model_a, model_b = _prepare(data_dir, checkpoints)
