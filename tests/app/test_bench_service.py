@@ -49,6 +49,17 @@ def test_photos_have_the_pmi_size(tmp_path: Path) -> None:
     assert support.render_photos(tmp_path, count=1) == [photo]  # rendered once, then read back
 
 
+def test_the_untrained_default_model_takes_an_architecture_and_size(tmp_path: Path) -> None:
+    from models.checkpoint import load_checkpoint
+    from models.pmi import PMI_NDCS
+
+    path = support.build_untrained_checkpoint(tmp_path / "tiny", arch="tiny_cnn", image_size=48, seed=3)
+    loaded = load_checkpoint(path)
+    assert loaded.metadata.arch == "tiny_cnn" and loaded.metadata.image_size == 48
+    assert loaded.metadata.classes == PMI_NDCS and loaded.metadata.decision  # a fitted verdict policy
+    assert support.build_untrained_checkpoint(path, arch="tiny_cnn", image_size=48, seed=3) == path  # reused
+
+
 @pytest.mark.slow
 def test_a_small_end_to_end_run(tmp_path: Path) -> None:
     from models.pmi import PMI_NDCS
