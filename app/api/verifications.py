@@ -154,11 +154,11 @@ async def _verify(request: Request, *, actor_key_id: int | None, session: Sessio
         service.check_served(served.classes, prescribed_ndc=prepared.prescribed_ndc, model_version=served.version)
         tensor, image_info = _result(results[1], tuple)
         prediction = await engine.submit(tensor, served=served)
-    finish = functools.partial(
-        service.finish, session, settings=settings, prepared=prepared, prediction=prediction, image=form.image,
+    conclude = functools.partial(
+        service.conclude, session, settings=settings, prepared=prepared, prediction=prediction, image=form.image,
         image_info=image_info, prescribed_ndc_input=form.prescribed_ndc, client_reference=form.client_reference,
         api_key_id=actor_key_id, idempotency_key=idempotency_key, latency_ms=(time.perf_counter() - started) * 1000)
-    outcome = await run_in_threadpool(_write_and_commit, request.app.state.db, session, finish)
+    outcome = await run_in_threadpool(_conclude_and_record, request.app.state.db, session, conclude)
     if outcome.replayed:
         return JSONResponse(outcome.body, headers={"Idempotent-Replayed": "true"}), "replay"
     assert outcome.decision is not None
@@ -166,13 +166,22 @@ async def _verify(request: Request, *, actor_key_id: int | None, session: Sessio
     return JSONResponse(outcome.body), "verdict"
 
 
-def _write_and_commit(database: Database, session: Session, write: Callable[[], T]) -> T:
-    """Run `write` and commit in one thread call, holding the database's write queue (SQLite) throughout:
-    the write lock is never held across a return to the event loop."""
+def _conclude_and_record(database: Database, session: Session,
+                         conclude: Callable[[], service.Concluded]) -> service.Outcome:
+    """Decide, then write and commit the audit row in the same thread call.
+
+    Only the write and its commit hold the database's write queue (SQLite; see Database.serialized_write),
+    so the write lock is never held across a return to the event loop, nor while an image is retained or
+    a verdict policy refitted. Whatever `conclude` read is committed first, so that the write is a
+    transaction of its own: were reads transactional on SQLite, one that read before another connection's
+    commit could not write after it ("database is locked" at once, whatever the busy timeout).
+    """
+    concluded = conclude()
+    session.commit()
     with database.serialized_write():
-        result = write()
+        outcome = service.record(session, concluded)
         session.commit()
-    return result
+    return outcome
 
 
 async def _decode(request: Request, served: ServedModel, image: bytes, *, limits: ImageLimits) -> Any:

@@ -209,17 +209,31 @@ def response_body(row: Verification, *, decision: Decision, model_sha256: str,
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """What `finish` stored: the body to send, and whether it is a replay of a concurrent twin."""
+    """What `record` stored: the body to send, and whether it is a replay of a concurrent twin."""
 
     body: dict[str, Any]
     decision: Decision | None
     replayed: bool = False
 
 
-def finish(session: Session, *, settings: Settings, prepared: Prepared, prediction: Prediction, image: bytes,
-           image_info: ImageInfo, prescribed_ndc_input: str, client_reference: str | None, api_key_id: int | None,
-           idempotency_key: str | None, latency_ms: float) -> Outcome:
-    """Step 3 (blocking; run it in a thread): decide, retain the image if configured, flush the audit row."""
+@dataclass(frozen=True, slots=True)
+class Concluded:
+    """The verdict and its audit row, not yet written (`conclude`'s result, `record`'s input)."""
+
+    row: Verification
+    body: dict[str, Any]
+    decision: Decision
+    request_sha256: str  # the row's, typed (the Idempotency-Key check compares it)
+
+
+def conclude(session: Session, *, settings: Settings, prepared: Prepared, prediction: Prediction, image: bytes,
+             image_info: ImageInfo, prescribed_ndc_input: str, client_reference: str | None,
+             api_key_id: int | None, idempotency_key: str | None, latency_ms: float) -> Concluded:
+    """Step 3 (blocking; run it in a thread): decide, retain the image if configured, build the audit row.
+
+    It writes nothing to the database (it may read a cost-matrix version once, then it is cached), so
+    that `record` alone needs the write lock.
+    """
     matrix = cost_matrix_for(session, version_id=prepared.cost_matrix_version_id, classes=prediction.classes)
     # The serving version's own policy, refitted for this cost matrix if it was fitted for another one;
     # a model without one never auto-accepts (review_only).
@@ -241,18 +255,24 @@ def finish(session: Session, *, settings: Settings, prepared: Prepared, predicti
     body = response_body(row, decision=decision, model_sha256=prediction.served.weights_sha256,
                          policy_fitted=policy_fitted)
     row.top, row.response = body["top"], body
-    if idempotency_key is None:
+    return Concluded(row=row, body=body, decision=decision, request_sha256=prepared.request_sha256)
+
+
+def record(session: Session, concluded: Concluded) -> Outcome:
+    """Step 4 (blocking): flush the audit row; a lost Idempotency-Key race answers with the winner's body."""
+    row = concluded.row
+    if row.idempotency_key is None:
         session.add(row)
         session.flush()
-        return Outcome(body=body, decision=decision)
+        return Outcome(body=concluded.body, decision=concluded.decision)
     try:
         # A savepoint, so that losing a race for the same Idempotency-Key leaves a usable transaction.
         with session.begin_nested():
             session.add(row)
     except IntegrityError:
-        replay = _replay_or_refuse(session, api_key_id=api_key_id, idempotency_key=idempotency_key,
-                                   request_sha256=prepared.request_sha256)
+        replay = _replay_or_refuse(session, api_key_id=row.api_key_id, idempotency_key=row.idempotency_key,
+                                   request_sha256=concluded.request_sha256)
         if replay is None:
             raise
         return Outcome(body=replay, decision=None, replayed=True)
-    return Outcome(body=body, decision=decision)
+    return Outcome(body=concluded.body, decision=concluded.decision)

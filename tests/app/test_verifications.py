@@ -250,3 +250,33 @@ def test_postgresql_writers_do_not_queue_in_process(pg_settings: Any) -> None:
         assert isinstance(postgres.serialized_write(), contextlib.nullcontext)  # concurrent inserts are fine there
     finally:
         postgres.dispose()
+
+
+def test_a_commit_elsewhere_between_the_cost_matrix_read_and_the_audit_write(
+        served: ApiEnv, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first verdict for a cost-matrix version reads it, and the worker may commit (a job's progress)
+    right then. On SQLite a transaction that read before another connection's commit cannot write after
+    it ("database is locked" at once): the audit write must not share a transaction with that read.
+    (pysqlite does not open transactions for reads, so this guards the engine setup and the route.)"""
+    from sqlalchemy import update
+
+    from app.orm import Product
+    from app.services import verifications as service_module
+
+    read_version = service_module.cost_matrix_of
+    other = Database(served.settings)  # another connection, as the worker process would have
+
+    def read_then_another_connection_commits(*args: Any, **kwargs: Any) -> Any:
+        matrix = read_version(*args, **kwargs)
+        with other.session() as session:
+            session.execute(update(Product).values(active=Product.active))
+        return matrix
+
+    monkeypatch.setattr(service_module, "cost_matrix_of", read_then_another_connection_commits)
+    monkeypatch.setattr(service_module, "_matrix_cache", type(service_module._matrix_cache)())
+    try:
+        response = post_verification(served.client, served.keys[Role.CLIENT], image=jpeg_photo(seed=5))
+    finally:
+        other.dispose()
+    assert response.status_code == 200, response.text
+    assert [row.id for row in rows(served.settings)] == [response.json()["id"]]
