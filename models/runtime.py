@@ -35,18 +35,25 @@ def deterministic_kernels() -> Iterator[None]:
     the next (autotuning, or kernels that sum in a varying order), so two runs of the same computation
     can differ in the last bits on a GPU: `rxverify bench attack` on an H100 reported "identical false"
     for the fused and reference attacks until they ran under this. The CPU kernels are deterministic
-    already. cuBLAS also needs CUBLAS_WORKSPACE_CONFIG set before its first use; it is set here if unset.
+    already. Ops with no deterministic kernel only warn (unless the caller had strict mode on already).
+    cuBLAS reads CUBLAS_WORKSPACE_CONFIG when it first starts in a process: it is set for the block (and
+    restored after) when unset, which helps only if nothing used cuBLAS before; set it in the environment
+    to be sure.
     """
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    saved_env = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
     saved = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
              torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    if saved_env is None:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(True, warn_only=not saved[2] or saved[3])
     try:
         yield
     finally:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[0], saved[1]
         torch.use_deterministic_algorithms(saved[2], warn_only=saved[3])
+        if saved_env is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
 def seed_everything(seed: int) -> None:

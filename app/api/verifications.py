@@ -179,8 +179,12 @@ def _conclude_and_record(database: Database, session: Session,
     concluded = conclude()
     session.commit()
     with database.serialized_write():
-        outcome = service.record(session, concluded)
-        session.commit()
+        try:
+            outcome = service.record(session, concluded)
+            session.commit()
+        except BaseException:
+            session.rollback()  # a failed write (a lost Idempotency-Key race: 422) still holds SQLite's lock
+            raise
     return outcome
 
 

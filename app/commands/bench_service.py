@@ -293,7 +293,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
                   "note": ("untrained weights (random init) with a policy fitted on simulated outputs: the timings "
                            "are real, the verdicts mean nothing") if untrained else "as given"},
         "engine": {"max_batch_size": config.max_batch_size, "max_batch_wait_ms": config.batch_wait_ms,
-                   "adaptive_wait": True, "inference_workers": config.inference_workers, "uvicorn_workers": 1,
+                   "adaptive_wait": True, "inference_amp": False, "inference_workers": config.inference_workers, "uvicorn_workers": 1,
                    "db_pool_size": max(config.concurrency) + 4, "jpeg_draft": True,
                    "model_prepared": "BatchNorm folded, channels-last (the naive server runs the model as loaded)",
                    "database": "sqlite (embedded), one row per verdict", "embedded_training_worker": False},

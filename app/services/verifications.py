@@ -1,13 +1,14 @@
-"""Verifications: check the request, decide the verdict, write the audit record (flush; the request commits).
+"""Verifications: check the request, decide the verdict, write the audit record (flush; the route commits).
 
-The route drives three steps around the inference engine:
+The route drives four steps around the inference engine:
 1. `prepare`: the image's SHA-256, the idempotency check (replay or 422), the prescribed NDC against
    the catalog (unknown / ambiguous / malformed / inactive each get their own problem type), and the
    active cost-matrix version.
 2. `check_served`: the served model must know the prescribed product (422 `product-not-in-model`).
-3. `finish`: the verdict (`Prediction.decide`: `models.decision.decide` with the serving version's stored
+3. `conclude`: the verdict (`Prediction.decide`: `models.decision.decide` with the serving version's stored
    policy) under the active cost matrix reindexed to the model's classes, the retained image (if
-   configured) and the audit row.
+   configured) and the audit row, not yet written.
+4. `record`: the audit row's INSERT (a lost Idempotency-Key race answers with the winner's body, or 422).
 """
 
 from __future__ import annotations

@@ -191,13 +191,14 @@ def run_training(request: TrainRequest, *, progress: Callable[[ProgressEvent], N
     output_kind = method.output_kind
     temperature = 1.0
     if len(data.valid):
-        outputs, labels = collect_outputs(model, valid_loader, device=device, amp=config.amp)
+        # Float32, as the service serves and the worker fits the verdict thresholds (autocast is for training).
+        outputs, labels = collect_outputs(model, valid_loader, device=device)
         # For SOSR, softmax(-costs / T) is the score the verdict layer reads; T is fitted the same way.
         temperature = fit_temperature(outputs if output_kind == "logits" else -outputs, labels)
     metrics: dict[str, Any] = {}
     for split, loader in (("valid", valid_loader), ("test", test_loader)):
         evaluation = evaluate(model, loader, cost_matrix=costs, device=device, temperature=temperature,
-                              output_kind=output_kind, amp=config.amp)
+                              output_kind=output_kind)
         metrics[split] = evaluation.summary()
     metrics["train"] = {"history": result.history, "epochs_completed": result.epochs_completed,
                         "mean_attack_active_steps": result.mean_attack_active_steps}

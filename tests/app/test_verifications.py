@@ -257,11 +257,17 @@ def test_a_commit_elsewhere_between_the_cost_matrix_read_and_the_audit_write(
     """The first verdict for a cost-matrix version reads it, and the worker may commit (a job's progress)
     right then. On SQLite a transaction that read before another connection's commit cannot write after
     it ("database is locked" at once): the audit write must not share a transaction with that read.
-    (pysqlite does not open transactions for reads, so this guards the engine setup and the route.)"""
+    pysqlite opens no transaction for a read by default, so the app's engine is made to here (as the
+    migrations' engine is), which is what makes the route's own commit after `conclude` matter."""
     from sqlalchemy import update
 
+    from app.db import _make_sqlite_ddl_transactional
     from app.orm import Product
     from app.services import verifications as service_module
+
+    engine = served.client.app.state.db.engine
+    _make_sqlite_ddl_transactional(engine)  # BEGIN before reads too
+    engine.dispose()  # pooled connections were made without it
 
     read_version = service_module.cost_matrix_of
     other = Database(served.settings)  # another connection, as the worker process would have
@@ -280,3 +286,47 @@ def test_a_commit_elsewhere_between_the_cost_matrix_read_and_the_audit_write(
         other.dispose()
     assert response.status_code == 200, response.text
     assert [row.id for row in rows(served.settings)] == [response.json()["id"]]
+
+
+def test_a_refused_idempotency_twin_lets_go_of_sqlite_before_the_queue(
+        served: ApiEnv, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two requests race with one Idempotency-Key and different photos: the loser's INSERT fails inside
+    the write queue and it gets a 422. Its transaction must be rolled back before the queue is let go,
+    or the next writer would find SQLite's lock taken and sleep in the busy handler."""
+    import sqlite3
+
+    from app.services import verifications as service_module
+
+    key = {"Idempotency-Key": "twin-1"}
+    first = post_verification(served.client, served.keys[Role.CLIENT], image=jpeg_photo(seed=1), headers=key)
+    assert first.status_code == 200, first.text
+    real = service_module._replay_or_refuse
+    calls: list[int] = []
+
+    def miss_the_twin_once(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return None if len(calls) == 1 else real(*args, **kwargs)  # `prepare` misses it, as in a race
+
+    monkeypatch.setattr(service_module, "_replay_or_refuse", miss_the_twin_once)
+    database_file = served.settings.database_url.removeprefix("sqlite:///")
+    free_at_release: list[bool] = []
+
+    class Probing:
+        def __enter__(self) -> None:
+            return None
+
+        def __exit__(self, *exc: object) -> None:
+            probe = sqlite3.connect(database_file, timeout=0, isolation_level=None)
+            try:
+                probe.execute("BEGIN IMMEDIATE")
+                probe.execute("ROLLBACK")
+                free_at_release.append(True)
+            except sqlite3.OperationalError:
+                free_at_release.append(False)
+            finally:
+                probe.close()
+
+    served.client.app.state.db._write_lock = Probing()
+    second = post_verification(served.client, served.keys[Role.CLIENT], image=jpeg_photo(seed=2), headers=key)
+    assert second.status_code == 422 and second.json()["type"].endswith("idempotency-key-reused"), second.text
+    assert len(calls) == 2 and free_at_release == [True]
