@@ -25,6 +25,8 @@ from typing import Any
 from app.commands import bench_support as support
 
 TARGETS = {"throughput_ratio": ">= 0.8", "p50_ratio": "<= 1.25", "vs_naive": "> 1 (clearly)"}
+# The service runs float32 here, like the raw pipeline and the naive server (its default; RXVERIFY_INFERENCE_AMP).
+SERVICE_AMP = False
 
 
 @dataclass(frozen=True)
@@ -236,7 +238,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
            "RXVERIFY_TORCH_THREADS": threads, "RXVERIFY_MAX_BATCH_SIZE": str(config.max_batch_size),
            "RXVERIFY_MAX_BATCH_WAIT_MS": str(config.batch_wait_ms), "RXVERIFY_LOG_FORMAT": "json",
            "RXVERIFY_INFERENCE_WORKERS": str(config.inference_workers),
-           "RXVERIFY_INFERENCE_AMP": "false",  # float32, like the raw pipeline and the naive server
+           "RXVERIFY_INFERENCE_AMP": str(SERVICE_AMP).lower(),
            # One pooled connection per concurrent request: overflow connections are opened and closed per use.
            "RXVERIFY_DB_POOL_SIZE": str(max(config.concurrency) + 4)}
     naive_env = {"RXVERIFY_BENCH_CHECKPOINT": str(checkpoint), "RXVERIFY_DEVICE": config.device,
@@ -293,7 +295,8 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
                   "note": ("untrained weights (random init) with a policy fitted on simulated outputs: the timings "
                            "are real, the verdicts mean nothing") if untrained else "as given"},
         "engine": {"max_batch_size": config.max_batch_size, "max_batch_wait_ms": config.batch_wait_ms,
-                   "adaptive_wait": True, "inference_amp": False, "inference_workers": config.inference_workers, "uvicorn_workers": 1,
+                   "adaptive_wait": True, "inference_amp": SERVICE_AMP,
+                   "inference_workers": config.inference_workers, "uvicorn_workers": 1,
                    "db_pool_size": max(config.concurrency) + 4, "jpeg_draft": True,
                    "model_prepared": "BatchNorm folded, channels-last (the naive server runs the model as loaded)",
                    "database": "sqlite (embedded), one row per verdict", "embedded_training_worker": False},
