@@ -266,7 +266,8 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
             for level in sorted(set(config.concurrency) - {low}):
                 rounds.load(f"service.c{level}", port, level, scrape=True)
             rounds.load(f"naive.c{top}", naive_port, top)
-            rounds.load(f"naive.c{low}", naive_port, low)
+            if low != top:
+                rounds.load(f"naive.c{low}", naive_port, low)
     finally:
         server.stop()
         if naive_server is not None:

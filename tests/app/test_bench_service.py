@@ -61,19 +61,24 @@ def test_the_untrained_default_model_takes_an_architecture_and_size(tmp_path: Pa
 
 
 @pytest.mark.slow
-def test_a_small_end_to_end_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("levels", ["1,2", "2"])
+def test_a_small_end_to_end_run(tmp_path: Path, levels: str) -> None:
+    # One level alone ("2") once ran the naive server twice at it and failed on the per-round ratios.
     from models.pmi import PMI_NDCS
+
+    top = f"c{levels.split(',')[-1]}"
 
     checkpoint = make_checkpoint(tmp_path / "tiny", classes=PMI_NDCS, image_size=32)
     out = tmp_path / "bench.json"
     code = cli_main(["bench", "service", "--model", str(checkpoint), "--requests", "4", "--rounds", "1",
-                     "--concurrency", "1,2", "--photos", "1", "--stage-repeats", "1", "--batch-wait-ms", "1",
+                     "--concurrency", levels, "--photos", "1", "--stage-repeats", "1", "--batch-wait-ms", "1",
                      "--work-dir", str(tmp_path / "work"), "--json", str(out)])
     assert code == 0
     result = json.loads(out.read_text())
     for ratio in ("throughput_ratio", "p50_ratio", "vs_naive"):
         assert result[ratio] > 0
-    assert result["service"]["c2"]["statuses"] == {"200": 4} and result["naive"]["c2"]["statuses"] == {"200": 4}
+    assert result["service"][top]["statuses"] == {"200": 4} and result["naive"][top]["statuses"] == {"200": 4}
+    assert result["per_round_ratios"]["vs_naive"] == [result["vs_naive"]]
     assert result["device"].split(":")[0] in ("cpu", "cuda") and result["model"]["untrained"] is False
     assert result["raw"]["throughput_rps"] > 0 and result["machine"]["cpu_count"]
     # The configuration it ran: the CPU rule for inference workers (cores // torch threads), the eager forward.
