@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import MetaData, create_engine, event
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import DeclarativeBase, ORMExecuteState, Session, SessionTransaction, sessionmaker
 
 from app.config import Settings, get_settings
 
@@ -79,6 +80,59 @@ def _make_sqlite_ddl_transactional(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN")
 
 
+class WriteLock(Protocol):
+    """What the write queue needs of its mutex (threading.Lock; tests put probes in its place)."""
+
+    def acquire(self, blocking: bool = ..., timeout: float = ...) -> bool: ...
+
+    def release(self) -> None: ...
+
+
+_HOLDS_WRITE_QUEUE = "rxverify.holds_write_queue"
+
+
+def _queue_sqlite_writes(factory: sessionmaker[Session], lock_of: Callable[[], WriteLock | None], *,
+                         timeout_s: float) -> None:
+    """Make every session of `factory` take `lock` at its transaction's first write, and let go at its end.
+
+    SQLite's write lock is taken at a transaction's first INSERT/UPDATE/DELETE and held until COMMIT or
+    ROLLBACK; the mutex spans exactly that (a flush with changes, or an ORM DML statement, up to the end
+    of the outermost transaction), so an in-process writer never sleeps in SQLite's busy handler behind
+    another in-process one: it waits on the mutex and wakes the moment the other commits or rolls back.
+    It is released only after COMMIT/ROLLBACK, so a failed write (an IntegrityError) lets go of SQLite
+    before the next writer starts. Waiting longer than the busy timeout raises OperationalError (503),
+    as SQLite's own "database is locked" would. One session writes at a time per thread, as before: a
+    thread that opened a second writing session while its first held the lock would have hit SQLite's
+    busy timeout; now it hits the same timeout here.
+    """
+
+    def take(session: Session) -> None:
+        lock = lock_of()
+        if lock is None or session.info.get(_HOLDS_WRITE_QUEUE):
+            return
+        if not lock.acquire(timeout=timeout_s):
+            raise OperationalError("(waiting for the SQLite write queue)", None,
+                                   TimeoutError(f"another writer held the database for over {timeout_s:g} s"))
+        session.info[_HOLDS_WRITE_QUEUE] = lock
+
+    @event.listens_for(factory, "before_flush")
+    def _before_flush(session: Session, _context: Any, _instances: Any) -> None:
+        if session.new or session.deleted or any(session.is_modified(o) for o in session.dirty):
+            take(session)
+
+    @event.listens_for(factory, "do_orm_execute")
+    def _before_dml(state: ORMExecuteState) -> None:
+        if state.is_insert or state.is_update or state.is_delete:
+            take(state.session)
+
+    @event.listens_for(factory, "after_transaction_end")
+    def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
+        if transaction.parent is None:  # the outermost one: SQLite has committed or rolled back
+            held = session.info.pop(_HOLDS_WRITE_QUEUE, None)
+            if held is not None:
+                held.release()
+
+
 def create_session_factory(engine: Engine) -> sessionmaker[Session]:
     """Sessions that keep loaded attributes after commit (responses are built from them)."""
     return sessionmaker(bind=engine, expire_on_commit=False, autoflush=True)
@@ -108,12 +162,17 @@ class Database:
         # SQLite takes one writer at a time, and a connection that finds the write lock taken sleeps in
         # SQLite's busy handler (steps of 1, 2, 5 ... 100 ms) instead of waking when it is free: under
         # concurrent verifications that made p99 latency approach a second. In-process writers queue on
-        # this mutex instead; the busy timeout still covers other processes (the worker). PostgreSQL: none.
-        self._write_lock = threading.Lock() if self.engine.dialect.name == "sqlite" else None
+        # this mutex instead (see _queue_sqlite_writes); the busy timeout still covers other processes
+        # (the worker). PostgreSQL: none.
+        self._write_lock: WriteLock | None = threading.Lock() if self.engine.dialect.name == "sqlite" else None
+        if self._write_lock is not None:
+            _queue_sqlite_writes(self.session_factory, lambda: self._write_lock,
+                                 timeout_s=settings.db_busy_timeout_ms / 1000)
 
-    def serialized_write(self) -> threading.Lock | nullcontext[None]:
-        """Hold while writing and committing a hot-path transaction: SQLite's in-process write queue."""
-        return self._write_lock if self._write_lock is not None else nullcontext()
+    @property
+    def queues_writes(self) -> bool:
+        """Whether this process's writers take turns on a mutex (SQLite) before SQLite's own write lock."""
+        return self._write_lock is not None
 
     @contextmanager
     def session(self) -> Iterator[Session]:

@@ -19,7 +19,6 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import ClientActor, PharmacistActor, SessionDep, SettingsDep
 from app.api.verification_form import read_verification_form
-from app.db import Database
 from app.errors import DomainError, FieldError, InvalidInput
 from app.inference.engine import ModelUnavailable
 from app.inference.images import ImageLimits
@@ -158,7 +157,7 @@ async def _verify(request: Request, *, actor_key_id: int | None, session: Sessio
         service.conclude, session, settings=settings, prepared=prepared, prediction=prediction, image=form.image,
         image_info=image_info, prescribed_ndc_input=form.prescribed_ndc, client_reference=form.client_reference,
         api_key_id=actor_key_id, idempotency_key=idempotency_key, latency_ms=(time.perf_counter() - started) * 1000)
-    outcome = await run_in_threadpool(_conclude_and_record, request.app.state.db, session, conclude)
+    outcome = await run_in_threadpool(_conclude_and_record, session, conclude)
     if outcome.replayed:
         return JSONResponse(outcome.body, headers={"Idempotent-Replayed": "true"}), "replay"
     assert outcome.decision is not None
@@ -166,25 +165,24 @@ async def _verify(request: Request, *, actor_key_id: int | None, session: Sessio
     return JSONResponse(outcome.body), "verdict"
 
 
-def _conclude_and_record(database: Database, session: Session,
-                         conclude: Callable[[], service.Concluded]) -> service.Outcome:
+def _conclude_and_record(session: Session, conclude: Callable[[], service.Concluded]) -> service.Outcome:
     """Decide, then write and commit the audit row in the same thread call.
 
-    Only the write and its commit hold the database's write queue (SQLite; see Database.serialized_write),
-    so the write lock is never held across a return to the event loop, nor while an image is retained or
-    a verdict policy refitted. Whatever `conclude` read is committed first, so that the write is a
-    transaction of its own: were reads transactional on SQLite, one that read before another connection's
-    commit could not write after it ("database is locked" at once, whatever the busy timeout).
+    Only the write and its commit hold the database's write queue (SQLite; taken at the INSERT and let
+    go at COMMIT or ROLLBACK, see app.db._queue_sqlite_writes), so the write lock is never held across a
+    return to the event loop, nor while an image is retained or a verdict policy refitted. Whatever
+    `conclude` read is committed first, so that the write is a transaction of its own: were reads
+    transactional on SQLite, one that read before another connection's commit could not write after it
+    ("database is locked" at once, whatever the busy timeout).
     """
     concluded = conclude()
     session.commit()
-    with database.serialized_write():
-        try:
-            outcome = service.record(session, concluded)
-            session.commit()
-        except BaseException:
-            session.rollback()  # a failed write (a lost Idempotency-Key race: 422) still holds SQLite's lock
-            raise
+    try:
+        outcome = service.record(session, concluded)
+        session.commit()
+    except BaseException:
+        session.rollback()  # a failed write (a lost Idempotency-Key race: 422) still holds SQLite's lock
+        raise
     return outcome
 
 

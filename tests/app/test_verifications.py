@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from app.db import Database
 from app.orm import Role, Verification
@@ -222,32 +221,119 @@ def test_a_pharmacist_reads_the_thresholds_a_cost_edit_would_bring_before_activa
     assert served.client.get("/v1/admin/models/1/policy", headers=served.as_role("client")).status_code == 403
 
 
+class _QueueProbe:
+    """Stands in for the write queue's mutex; runs `on_release` when a transaction lets go of it."""
+
+    def __init__(self, on_release: Any) -> None:
+        self.on_release, self.acquired, self.released = on_release, 0, 0
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        self.acquired += 1
+        return True
+
+    def release(self) -> None:
+        self.released += 1
+        self.on_release()
+
+
 def test_the_audit_row_is_committed_inside_the_sqlite_write_queue(served: ApiEnv) -> None:
     """In-process SQLite writers queue on a mutex instead of sleeping in SQLite's busy handler, and the
     row is committed before the mutex is let go (no write lock is held across the event loop)."""
     database = served.client.app.state.db
-    assert isinstance(database.serialized_write(), type(threading.Lock()))
+    assert database.queues_writes and isinstance(database._write_lock, type(threading.Lock()))
     committed_at_release: list[int] = []
-
-    class Recording:
-        def __enter__(self) -> None:
-            committed_at_release.append(-1)
-
-        def __exit__(self, *exc: object) -> None:
-            committed_at_release[-1] = len(rows(served.settings))  # what another connection sees
-
-    database._write_lock = Recording()
+    probe = _QueueProbe(lambda: committed_at_release.append(len(rows(served.settings))))  # what others see
+    database._write_lock = probe
     for expected in (1, 2):
         response = post_verification(served.client, served.keys[Role.CLIENT], image=jpeg_photo(seed=expected))
         assert response.status_code == 200, response.text
         assert committed_at_release[-1] == expected
-    assert committed_at_release == [1, 2]
+    assert committed_at_release == [1, 2] and probe.acquired == probe.released == 2
+
+
+def test_every_api_write_takes_the_queue_and_commits_before_letting_go(served: ApiEnv) -> None:
+    """Not only verifications: a pharmacist's cost edit and its activation (writes in the endpoint, the
+    commit in the session dependency's teardown) queue too, one turn per transaction, released only
+    after the commit; reads never take it."""
+    from app.orm import CostMatrixVersion
+
+    versions_at_release: list[int] = []
+    probe = _QueueProbe(lambda: versions_at_release.append(count_rows(served.settings, CostMatrixVersion)))
+    served.client.app.state.db._write_lock = probe
+    before = count_rows(served.settings, CostMatrixVersion)
+    pharmacist = served.as_role("pharmacist")
+    assert served.client.get("/v1/admin/cost-matrices", headers=pharmacist).status_code == 200
+    assert served.client.get("/v1/products", headers=served.as_role("client")).status_code == 200
+    assert probe.acquired == 0  # reads (and API-key lookups) do not queue
+    version = _activate_edit(served, change(FAVOURITE, "50111-0434", 7))
+    assert version == before + 1
+    assert probe.acquired == probe.released == 2  # the edit, then its activation
+    assert versions_at_release == [before + 1, before + 1]
+
+
+def test_a_writer_queued_past_the_busy_timeout_gets_a_503_and_the_service_recovers(
+        seeded_sqlite_template: tuple[Path, dict[Role, str]], tmp_path: Path, make_client: Any,
+        checkpoint_root: Path) -> None:
+    template, keys = seeded_sqlite_template
+    settings = served_settings(template, tmp_path / "data", checkpoint=cached_checkpoint(checkpoint_root),
+                               db_busy_timeout_ms=200)
+    env = ApiEnv(settings, make_client(settings), dict(keys))
+    queue = env.client.app.state.db._write_lock
+    assert queue.acquire()  # another in-process writer holds it
+    try:
+        refused = post_verification(env.client, env.keys[Role.CLIENT], image=jpeg_photo(seed=3))
+        assert refused.status_code == 503, refused.text
+        assert refused.headers["content-type"] == "application/problem+json"
+        assert refused.json()["type"].endswith("database-unavailable")
+        assert rows(settings) == []  # nothing half-written
+    finally:
+        queue.release()
+    answered = post_verification(env.client, env.keys[Role.CLIENT], image=jpeg_photo(seed=3))
+    assert answered.status_code == 200, answered.text
+    assert [row.id for row in rows(settings)] == [answered.json()["id"]]
+
+
+def test_a_queued_writer_goes_on_as_soon_as_the_other_commits(served: ApiEnv) -> None:
+    """A second in-process writer waits on the mutex (not in SQLite's busy handler) and proceeds once
+    the first transaction ends."""
+    from app.orm import Product
+
+    database = served.client.app.state.db
+    mutex, turns = threading.Lock(), []
+
+    class Recording:
+        def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+            turns.append(threading.current_thread().name)
+            return mutex.acquire(blocking, timeout)
+
+        def release(self) -> None:
+            mutex.release()
+
+    database._write_lock = Recording()
+    started, done = threading.Event(), threading.Event()
+
+    def second_writer() -> None:
+        with database.session() as session:
+            started.set()
+            session.execute(update(Product).values(active=Product.active))
+        done.set()
+
+    with database.session() as first:
+        first.execute(update(Product).values(active=Product.active))  # holds the queue from here
+        thread = threading.Thread(target=second_writer, name="second-writer")
+        thread.start()
+        assert started.wait(5)
+        assert not done.wait(0.3)  # queued behind the open transaction
+        assert turns == [threading.current_thread().name, "second-writer"]  # on the mutex, not in SQLite
+    assert done.wait(5)  # the first committed: the second went on
+    thread.join()
+    assert not mutex.locked()
 
 
 def test_postgresql_writers_do_not_queue_in_process(pg_settings: Any) -> None:
     postgres = Database(pg_settings)
     try:
-        assert isinstance(postgres.serialized_write(), contextlib.nullcontext)  # concurrent inserts are fine there
+        assert not postgres.queues_writes  # concurrent inserts are fine there
     finally:
         postgres.dispose()
 
@@ -311,22 +397,18 @@ def test_a_refused_idempotency_twin_lets_go_of_sqlite_before_the_queue(
     database_file = served.settings.database_url.removeprefix("sqlite:///")
     free_at_release: list[bool] = []
 
-    class Probing:
-        def __enter__(self) -> None:
-            return None
+    def sqlite_is_free() -> None:
+        probe = sqlite3.connect(database_file, timeout=0, isolation_level=None)
+        try:
+            probe.execute("BEGIN IMMEDIATE")
+            probe.execute("ROLLBACK")
+            free_at_release.append(True)
+        except sqlite3.OperationalError:
+            free_at_release.append(False)
+        finally:
+            probe.close()
 
-        def __exit__(self, *exc: object) -> None:
-            probe = sqlite3.connect(database_file, timeout=0, isolation_level=None)
-            try:
-                probe.execute("BEGIN IMMEDIATE")
-                probe.execute("ROLLBACK")
-                free_at_release.append(True)
-            except sqlite3.OperationalError:
-                free_at_release.append(False)
-            finally:
-                probe.close()
-
-    served.client.app.state.db._write_lock = Probing()
+    served.client.app.state.db._write_lock = _QueueProbe(sqlite_is_free)
     second = post_verification(served.client, served.keys[Role.CLIENT], image=jpeg_photo(seed=2), headers=key)
     assert second.status_code == 422 and second.json()["type"].endswith("idempotency-key-reused"), second.text
     assert len(calls) == 2 and free_at_release == [True]
