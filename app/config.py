@@ -31,7 +31,9 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(default=5, ge=1)
     db_max_overflow: int = Field(default=10, ge=0)
     db_connect_timeout_s: int = Field(default=10, ge=1, description="PostgreSQL connect timeout.")
-    db_busy_timeout_ms: int = Field(default=5000, ge=0, description="SQLite lock wait before 'database is locked'.")
+    db_busy_timeout_ms: int = Field(default=5000, ge=0, description=(
+        "How long a SQLite writer waits, first for the in-process write queue and then for SQLite's own lock, "
+        "before a 503 ('database is locked')."))
 
     # --- HTTP service -------------------------------------------------------------------------
     host: str = "127.0.0.1"
