@@ -103,13 +103,18 @@ def _queue_sqlite_writes(factory: sessionmaker[Session], lock_of: Callable[[], W
     before the next writer starts. Waiting longer than the busy timeout raises OperationalError (503),
     as SQLite's own "database is locked" would. One session writes at a time per thread, as before: a
     thread that opened a second writing session while its first held the lock would have hit SQLite's
-    busy timeout; now it hits the same timeout here.
+    busy timeout; now it hits the same timeout here. The mutex belongs to one Database object: sessions
+    of another Database in the same process (the worker's reaper has its own) meet these only in SQLite.
     """
 
     def take(session: Session) -> None:
         lock = lock_of()
         if lock is None or session.info.get(_HOLDS_WRITE_QUEUE):
             return
+        # Connection first, then the mutex, for every writer: one that held the mutex while waiting for a
+        # pooled connection, behind writers that held connections while waiting for the mutex, would stall
+        # them all until the timeouts. This also begins the transaction whose end lets the mutex go.
+        session.connection()
         if not lock.acquire(timeout=timeout_s):
             raise OperationalError("(waiting for the SQLite write queue)", None,
                                    TimeoutError(f"another writer held the database for over {timeout_s:g} s"))

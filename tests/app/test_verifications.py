@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -224,15 +225,21 @@ def test_a_pharmacist_reads_the_thresholds_a_cost_edit_would_bring_before_activa
 class _QueueProbe:
     """Stands in for the write queue's mutex; runs `on_release` when a transaction lets go of it."""
 
-    def __init__(self, on_release: Any) -> None:
-        self.on_release, self.acquired, self.released = on_release, 0, 0
+    def __init__(self, on_release: Any, *, engine: Any = None) -> None:
+        self.on_release, self.engine, self.acquired, self.released = on_release, engine, 0, 0
+        self.threads: list[tuple[str, int]] = []  # ("acquire" | "release", thread id)
+        self.connections_at_acquire: list[int] = []
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
         self.acquired += 1
+        self.threads.append(("acquire", threading.get_ident()))
+        if self.engine is not None:
+            self.connections_at_acquire.append(self.engine.pool.checkedout())
         return True
 
     def release(self) -> None:
         self.released += 1
+        self.threads.append(("release", threading.get_ident()))
         self.on_release()
 
 
@@ -242,13 +249,19 @@ def test_the_audit_row_is_committed_inside_the_sqlite_write_queue(served: ApiEnv
     database = served.client.app.state.db
     assert database.queues_writes and isinstance(database._write_lock, type(threading.Lock()))
     committed_at_release: list[int] = []
-    probe = _QueueProbe(lambda: committed_at_release.append(len(rows(served.settings))))  # what others see
+    probe = _QueueProbe(lambda: committed_at_release.append(len(rows(served.settings))),  # what others see
+                        engine=database.engine)
     database._write_lock = probe
     for expected in (1, 2):
         response = post_verification(served.client, served.keys[Role.CLIENT], image=jpeg_photo(seed=expected))
         assert response.status_code == 200, response.text
         assert committed_at_release[-1] == expected
     assert committed_at_release == [1, 2] and probe.acquired == probe.released == 2
+    # Taken and let go in one thread call (`_conclude_and_record`), never across a return to the event loop.
+    for (taken, taker), (let_go, releaser) in zip(probe.threads[::2], probe.threads[1::2], strict=True):
+        assert (taken, let_go) == ("acquire", "release") and taker == releaser
+    # The writer holds its pooled connection before it queues (one lock order for every writer).
+    assert probe.connections_at_acquire and all(n >= 1 for n in probe.connections_at_acquire)
 
 
 def test_every_api_write_takes_the_queue_and_commits_before_letting_go(served: ApiEnv) -> None:
@@ -256,10 +269,20 @@ def test_every_api_write_takes_the_queue_and_commits_before_letting_go(served: A
     commit in the session dependency's teardown) queue too, one turn per transaction, released only
     after the commit; reads never take it."""
     from app.orm import CostMatrixVersion
+    from app.services.cost_matrices import active_version_id
 
-    versions_at_release: list[int] = []
-    probe = _QueueProbe(lambda: versions_at_release.append(count_rows(served.settings, CostMatrixVersion)))
+    def what_others_see() -> tuple[int, int | None]:
+        other = Database(served.settings)
+        try:
+            with other.session() as session:
+                return count_rows(served.settings, CostMatrixVersion), active_version_id(session)
+        finally:
+            other.dispose()
+
+    seen_at_release: list[tuple[int, int | None]] = []
+    probe = _QueueProbe(lambda: seen_at_release.append(what_others_see()))
     served.client.app.state.db._write_lock = probe
+    active_before = what_others_see()[1]
     before = count_rows(served.settings, CostMatrixVersion)
     pharmacist = served.as_role("pharmacist")
     assert served.client.get("/v1/admin/cost-matrices", headers=pharmacist).status_code == 200
@@ -268,7 +291,7 @@ def test_every_api_write_takes_the_queue_and_commits_before_letting_go(served: A
     version = _activate_edit(served, change(FAVOURITE, "50111-0434", 7))
     assert version == before + 1
     assert probe.acquired == probe.released == 2  # the edit, then its activation
-    assert versions_at_release == [before + 1, before + 1]
+    assert seen_at_release == [(before + 1, active_before), (before + 1, version)]  # each committed first
 
 
 def test_a_writer_queued_past_the_busy_timeout_gets_a_503_and_the_service_recovers(
@@ -323,8 +346,11 @@ def test_a_queued_writer_goes_on_as_soon_as_the_other_commits(served: ApiEnv) ->
         thread = threading.Thread(target=second_writer, name="second-writer")
         thread.start()
         assert started.wait(5)
-        assert not done.wait(0.3)  # queued behind the open transaction
+        deadline = time.monotonic() + 10
+        while len(turns) < 2 and time.monotonic() < deadline:  # until the second writer asks for its turn
+            time.sleep(0.01)
         assert turns == [threading.current_thread().name, "second-writer"]  # on the mutex, not in SQLite
+        assert not done.wait(0.2)  # and waits there behind the open transaction
     assert done.wait(5)  # the first committed: the second went on
     thread.join()
     assert not mutex.locked()
