@@ -225,22 +225,26 @@ def test_a_pharmacist_reads_the_thresholds_a_cost_edit_would_bring_before_activa
 class _QueueProbe:
     """Stands in for the write queue's mutex; runs `on_release` when a transaction lets go of it."""
 
-    def __init__(self, on_release: Any, *, engine: Any = None) -> None:
-        self.on_release, self.engine, self.acquired, self.released = on_release, engine, 0, 0
+    def __init__(self, on_release: Any = None, *, engine: Any = None, mutex: Any = None) -> None:
+        self.on_release, self.engine, self.mutex, self.acquired, self.released = on_release, engine, mutex, 0, 0
         self.threads: list[tuple[str, int]] = []  # ("acquire" | "release", thread id)
         self.connections_at_acquire: list[int] = []
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        """Record the call; then take `mutex` if one was given (a real queue), else never block."""
         self.acquired += 1
         self.threads.append(("acquire", threading.get_ident()))
         if self.engine is not None:
             self.connections_at_acquire.append(self.engine.pool.checkedout())
-        return True
+        return self.mutex.acquire(blocking, timeout) if self.mutex is not None else True
 
     def release(self) -> None:
         self.released += 1
         self.threads.append(("release", threading.get_ident()))
-        self.on_release()
+        if self.mutex is not None:
+            self.mutex.release()
+        if self.on_release is not None:
+            self.on_release()
 
 
 def test_the_audit_row_is_committed_inside_the_sqlite_write_queue(served: ApiEnv) -> None:
@@ -322,17 +326,9 @@ def test_a_queued_writer_goes_on_as_soon_as_the_other_commits(served: ApiEnv) ->
     from app.orm import Product
 
     database = served.client.app.state.db
-    mutex, turns = threading.Lock(), []
-
-    class Recording:
-        def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
-            turns.append(threading.current_thread().name)
-            return mutex.acquire(blocking, timeout)
-
-        def release(self) -> None:
-            mutex.release()
-
-    database._write_lock = Recording()
+    mutex = threading.Lock()
+    probe = database._write_lock = _QueueProbe(mutex=mutex)
+    turns = probe.threads
     started, done = threading.Event(), threading.Event()
 
     def second_writer() -> None:
@@ -349,11 +345,11 @@ def test_a_queued_writer_goes_on_as_soon_as_the_other_commits(served: ApiEnv) ->
         deadline = time.monotonic() + 10
         while len(turns) < 2 and time.monotonic() < deadline:  # until the second writer asks for its turn
             time.sleep(0.01)
-        assert turns == [threading.current_thread().name, "second-writer"]  # on the mutex, not in SQLite
+        assert turns == [("acquire", threading.get_ident()), ("acquire", thread.ident)]  # on the mutex, not in SQLite
         assert not done.wait(0.2)  # and waits there behind the open transaction
     assert done.wait(5)  # the first committed: the second went on
     thread.join()
-    assert not mutex.locked()
+    assert not mutex.locked() and probe.acquired == probe.released == 2
 
 
 def test_postgresql_writers_do_not_queue_in_process(pg_settings: Any) -> None:
