@@ -13,6 +13,8 @@ the stuck worker process is killed, to be restarted by its supervisor.
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 import traceback
 from typing import Any
@@ -41,6 +43,18 @@ class JobTask(Task):  # type: ignore[misc]
     acks_late = True
     reject_on_worker_lost = True
     _database: Database | None = None
+    _database_pid: int | None = None
+    _database_lock = threading.Lock()
+
+    @classmethod
+    def process_database(cls, settings: Settings) -> Database:
+        """The worker process's one Database, made lazily and made again in a forked child (which must not
+        use its parent's pooled connections). The job threads and the reaper share it, so that on SQLite
+        their writes queue on one write mutex (app.db) instead of meeting as SQLITE_BUSY."""
+        with cls._database_lock:
+            if JobTask._database is None or JobTask._database_pid != os.getpid():
+                JobTask._database, JobTask._database_pid = Database(settings), os.getpid()
+            return JobTask._database
 
     @property
     def settings(self) -> Settings:
@@ -50,10 +64,8 @@ class JobTask(Task):  # type: ignore[misc]
 
     @property
     def database(self) -> Database:
-        """One Database per worker process (created lazily, after any fork)."""
-        if JobTask._database is None:
-            JobTask._database = Database(self.settings)
-        return JobTask._database
+        """The worker process's Database (`process_database`)."""
+        return JobTask.process_database(self.settings)
 
     def run_job(self, job_id: int) -> dict[str, Any]:
         """Claim the job, run one attempt under a heartbeat, and record how it ended."""
@@ -169,7 +181,7 @@ def _start_reaper(sender: Any = None, **_kwargs: Any) -> None:
     def send(job_id: int, task_id: str | None) -> None:
         app.send_task(RUN_JOB, args=[job_id], task_id=task_id)
 
-    _reaper = leases.Reaper(Database(settings), send=send, interval_s=max(settings.training_lease_s, 1.0))
+    _reaper = leases.Reaper(JobTask.process_database(settings), send=send, interval_s=max(settings.training_lease_s, 1.0))
     _reaper.start()
 
 

@@ -271,3 +271,27 @@ def test_a_failed_resend_is_sent_again_by_the_next_reaper_pass(tmp_path: Path, a
         assert sent == [(job_id, job_row(settings, job_id)["celery_task_id"])] and sent[0][1]
     finally:
         database.dispose()
+
+
+def test_the_reaper_and_the_job_threads_share_one_database_per_process(
+        tmp_path: Path, assets_root: Path, task_settings: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On SQLite the write mutex is per Database: a reaper with its own would meet the jobs' heartbeats as
+    SQLITE_BUSY instead of queueing with them. A forked child (another pid) makes its own."""
+    from types import SimpleNamespace
+
+    from worker import tasks
+
+    _settings, task, _job_id = _task_and_job(tmp_path, assets_root)
+    JobTask._database = None
+    monkeypatch.setattr(tasks, "_reaper", None)
+    monkeypatch.setattr(leases.Reaper, "start", lambda self: None)  # its pass is tested above
+    tasks._start_reaper(sender=SimpleNamespace(app=task.app))
+    assert tasks._reaper is not None
+    parent = task.database
+    assert tasks._reaper.database is parent and parent.queues_writes and task.database is parent
+    monkeypatch.setattr(tasks.os, "getpid", lambda: -1)
+    child = task.database
+    try:
+        assert child is not parent and task.database is child
+    finally:
+        parent.dispose()
