@@ -189,10 +189,13 @@ class CostMatrix:
 
     def tempered(self, tau: float) -> np.ndarray:
         """The pair-sampling distribution c~ = c^tau / sum c^tau over off-diagonal pairs (K x K, sums to 1)."""
+        off_diagonal = self.matrix.copy()
+        np.fill_diagonal(off_diagonal, 0.0)
+        largest = off_diagonal.max()
         powered = np.zeros_like(self.matrix)
-        positive = self.matrix > 0
-        powered[positive] = np.power(self.matrix[positive], tau)
-        np.fill_diagonal(powered, 0.0)
+        positive = off_diagonal > 0
+        # (c / max c)^tau: the same distribution, without overflow for large costs or tau (1e110^3 = inf).
+        powered[positive] = np.power(off_diagonal[positive] / largest, tau)
         total = powered.sum()
         if total <= 0:
             raise CostMatrixError("every off-diagonal cost is 0: nothing to sample")

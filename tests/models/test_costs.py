@@ -96,6 +96,15 @@ def test_tempered_is_a_distribution_over_off_diagonal_pairs(seed: int, tau: floa
     assert np.all(np.diff(flat_prob[order]) >= -1e-15)
 
 
+def test_tempered_does_not_overflow_on_large_costs_or_tau() -> None:
+    # 1e110^3 overflows a float; c~ only depends on the cost ratios, so it must still be exact.
+    matrix = CostMatrix(CLASSES, np.array([[0.0, 1e110, 2e110], [1e110, 0, 1e110], [1e110, 1e110, 0]]))
+    probs = matrix.tempered(3.0)
+    assert np.all(np.isfinite(probs)) and math.isclose(probs.sum(), 1.0, rel_tol=1e-12)
+    assert math.isclose(probs[0, 2] / probs[0, 1], 8.0, rel_tol=1e-12)
+    assert np.allclose(matrix.tempered(3.0), CostMatrix(CLASSES, matrix.matrix / 1e110).tempered(3.0), rtol=1e-12)
+
+
 def test_pareto_is_seeded_and_at_least_one() -> None:
     first = CostMatrix.pareto(list("abcde"), seed=7)
     assert first == CostMatrix.pareto(list("abcde"), seed=7)
