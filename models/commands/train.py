@@ -241,7 +241,9 @@ def register(parser_group: Any) -> None:
     add("--scheduler", choices=("none", "cosine", "step"), default="none")
     add("--head-epochs", type=int, default=0, help="train only the final layer for the first N epochs (PMI recipe)")
     add("--head-lr", type=float, help="learning rate of the head-only epochs (default --lr)")
-    add("--freeze-bn", action="store_true", help="keep batch-norm statistics frozen while training")
+    add("--freeze-bn", action=argparse.BooleanOptionalAction, default=None,
+        help="keep batch-norm statistics frozen while training (default: frozen when fine-tuning a --base, "
+             "as in the authors' fine-tuning; trained for a new model)")
     add("--no-amp", dest="amp", action="store_false", help="disable autocast on CUDA")
     add("--seed", type=int, default=0)
     add("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
@@ -269,7 +271,8 @@ def request_from_args(args: argparse.Namespace) -> TrainRequest:
     from models.engine import TrainConfig
 
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-                         weight_decay=args.weight_decay, scheduler=args.scheduler, freeze_bn=args.freeze_bn,
+                         weight_decay=args.weight_decay, scheduler=args.scheduler,
+                         freeze_bn=args.base is not None if args.freeze_bn is None else args.freeze_bn,
                          amp=args.amp, seed=args.seed, head_only_epochs=args.head_epochs, head_lr=args.head_lr)
     names = _METHOD_OPTIONS.get(args.method, ())
     ignored = [n for opts in _METHOD_OPTIONS.values() for n in opts

@@ -85,14 +85,25 @@ def test_fine_tune_csada_from_base_records_parent(data: Path, tmp_path: Path) ->
     tuned = tmp_path / "tuned"
     argv = ["--data", str(data), "--out", str(tuned), "--base", str(base), "--method", "csada", "--epochs", "1",
             "--batch-size", "8", "--device", "cpu", "--lr", "1e-4", "--lam", "2", "--eps", "0.5", "--steps", "2",
-            "--step-size", "0.1", "--tau", "1", "--freeze-bn"]
+            "--step-size", "0.1", "--tau", "1"]
     assert run_cli(argv) == 0
     meta = load_checkpoint(tuned).metadata
     assert meta.parent_sha256 == weights_sha256(base)
     assert meta.method == "csada"
     assert meta.hyperparameters["method"]["steps"] == 2 and meta.hyperparameters["method"]["eps"] == 0.5
-    assert meta.hyperparameters["train"]["freeze_bn"] is True
+    assert meta.hyperparameters["train"]["freeze_bn"] is True  # the default when fine-tuning a --base
     assert meta.arch == "tiny_cnn" and meta.image_size == 16  # inherited from the base
+    assert load_checkpoint(base).metadata.hyperparameters["train"]["freeze_bn"] is False  # a new model
+
+
+def test_freeze_bn_default_follows_base_and_can_be_overridden(data: Path, tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    train.register(parser.add_subparsers(dest="command"))
+    common = ["train", "--data", str(data), "--out", str(tmp_path / "c")]
+    base = ["--base", str(tmp_path / "b")]
+    for extra, frozen in (([], False), (base, True), ([*base, "--no-freeze-bn"], False), (["--freeze-bn"], True)):
+        args = parser.parse_args([*common, *extra])
+        assert train.request_from_args(args).config.freeze_bn is frozen, extra
 
 
 def test_fine_tune_keeps_the_base_normalisation(data: Path, tmp_path: Path) -> None:
