@@ -39,9 +39,11 @@ def create_db_engine(settings: Settings, *, for_migrations: bool = False) -> Eng
     """An engine for settings.database_url (SQLite gets foreign keys, WAL and a busy timeout)."""
     url = make_url(settings.database_url)
     if url.get_backend_name() == "sqlite":
-        if url.database and url.database != ":memory:":
+        in_memory = url.database in (None, "", ":memory:")  # one connection per thread, no pool size
+        if url.database and not in_memory:
             Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False})
+        pool = {} if in_memory else {"pool_size": settings.db_pool_size, "max_overflow": settings.db_max_overflow}
+        engine = create_engine(url, connect_args={"check_same_thread": False}, **pool)
         _install_sqlite_pragmas(engine, busy_timeout_ms=settings.db_busy_timeout_ms,
                                 foreign_keys=not for_migrations)
         if for_migrations:

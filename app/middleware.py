@@ -20,6 +20,9 @@ logger = logging.getLogger("rxverify.access")
 REQUEST_ID_HEADER = "X-Request-ID"
 # A caller's id is reused only when it is short and safe to put in logs and headers.
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+# Metric labels take the method only from this set (anything else, PROPFIND or a made-up verb from a
+# scanner, is "OTHER"), so that requests cannot grow the label set without bound.
+_METHOD_LABELS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class PayloadTooLarge(HTTPException):
@@ -66,8 +69,9 @@ class ObservabilityMiddleware:
         finally:
             elapsed = time.perf_counter() - started
             route = _route_template(scope)
-            HTTP_REQUESTS.labels(scope["method"], route, str(status["code"])).inc()
-            HTTP_LATENCY.labels(scope["method"], route).observe(elapsed)
+            method = scope["method"] if scope["method"] in _METHOD_LABELS else "OTHER"
+            HTTP_REQUESTS.labels(method, route, str(status["code"])).inc()
+            HTTP_LATENCY.labels(method, route).observe(elapsed)
             logger.info("%s %s %s", scope["method"], scope.get("path"), status["code"],
                         extra={"method": scope["method"], "path": scope.get("path"), "route": route,
                                "status": status["code"], "duration_ms": round(elapsed * 1000, 2)})

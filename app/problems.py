@@ -9,9 +9,11 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from app.errors import DomainError
 from app.log import current_request_id
@@ -21,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 PROBLEM_BASE = "https://rxverify.dev/problems/"
 PROBLEM_MEDIA_TYPE = "application/problem+json"
+CLIENT_CLOSED_REQUEST = 499  # the status recorded (metrics, access log) when the client left mid-request
 _HTTP_SLUGS = {400: "bad-request", 404: "not-found", 405: "method-not-allowed", 406: "not-acceptable",
                413: "payload-too-large", 415: "unsupported-media-type", 429: "too-many-requests"}
 
@@ -132,6 +135,13 @@ async def _database_unavailable(request: Request, exc: Exception) -> JSONRespons
                             instance=request.url.path, headers={"Retry-After": "1"})
 
 
+async def _client_disconnected(request: Request, exc: Exception) -> Response:
+    # The client went away mid-upload (a dropped pharmacy link): nobody reads this answer, and it is
+    # not a server error. 499 (nginx's "client closed request") keeps it out of 5xx alerting.
+    logger.info("client disconnected before its request was read: %s %s", request.method, request.url.path)
+    return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+
 async def _integrity_error(request: Request, exc: Exception) -> JSONResponse:
     logger.info("integrity error mapped to 409", exc_info=exc)
     return problem_response(status=409, slug="conflict", title="Conflict with the current state",
@@ -168,6 +178,8 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(OperationalError, _database_unavailable)
+    app.add_exception_handler(PoolTimeout, _database_unavailable)  # every pooled connection in use
+    app.add_exception_handler(ClientDisconnect, _client_disconnected)
     app.add_exception_handler(IntegrityError, _integrity_error)
     app.add_exception_handler(DataError, _data_error)
     app.add_exception_handler(Exception, unhandled_error)

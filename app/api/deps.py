@@ -43,6 +43,11 @@ def require_role(minimum: Role) -> Callable[..., Actor]:
 
     def dependency(session: SessionDep, api_key: Annotated[str | None, Security(api_key_header)]) -> Actor:
         actor = authenticate(session, api_key)
+        # End the lookup's read transaction: the session gives its pooled connection back and takes one
+        # again at its next statement. Otherwise a route that reads a large body after auth (an image
+        # upload, a cost CSV) would hold a connection for the whole transfer, and slow uploads would use
+        # up the pool.
+        session.commit()
         if not actor.role.includes(minimum):
             raise Forbidden(f"This needs the {minimum.value} role; the key has the {actor.role.value} role.",
                             extra={"required_role": minimum.value, "role": actor.role.value})

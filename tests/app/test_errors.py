@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from app.config import Settings
 from app.main import create_app
@@ -104,3 +104,45 @@ def test_problem_details_name_the_fields(env: ApiEnv) -> None:
     assert body["errors"] == [{"field": "changes[1].cost", "message": "Input should be a valid number",
                                "code": "float_type"}]
     assert body["detail"].startswith("changes[1].cost:")
+
+
+def test_an_exhausted_connection_pool_is_503(sqlite_settings: Settings, make_client: Any) -> None:
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    app = create_app(sqlite_settings)
+    router = APIRouter()
+
+    @router.get("/pool-empty")
+    def pool_empty() -> None:
+        raise PoolTimeout("QueuePool limit of size 5 overflow 10 reached")
+
+    app.include_router(router)
+    client = make_client(sqlite_settings, app=app, raise_server_exceptions=False)
+    response = client.get("/pool-empty")
+    assert _problem(response, 503, "database-unavailable") and response.headers["retry-after"] == "1"
+
+
+def test_no_connection_is_held_while_an_upload_is_read(env: ApiEnv, monkeypatch: Any) -> None:
+    """Auth reads the key, then gives the connection back: a slow upload must not hold one (a pool of
+    15 would otherwise cap the uploads in flight, and starve every other request)."""
+    from app.api import deps
+    from app.api import verifications as route
+
+    sessions: list[Any] = []
+    held: list[bool] = []
+    real_session, real_reader = deps.get_session, route.read_verification_form
+
+    def recording_session(request: Request) -> Iterator[Any]:
+        for session in real_session(request):
+            sessions.append(session)
+            yield session
+
+    async def reader(request: Any, **kwargs: Any) -> Any:
+        held.append(sessions[-1].in_transaction())  # a transaction holds its pooled connection
+        return await real_reader(request, **kwargs)
+
+    env.client.app.dependency_overrides[real_session] = recording_session
+    monkeypatch.setattr(route, "read_verification_form", reader)
+    response = env.client.post("/v1/verifications", headers=env.as_role("client"), data={"prescribed_ndc": FURO},
+                               files={"image": ("bottle.jpg", b"not a photo", "image/jpeg")})
+    assert response.status_code in (422, 503) and held == [False]  # no model here: the form is what counts

@@ -103,3 +103,40 @@ def test_openapi_documents_the_api_key_and_problems(env: ApiEnv) -> None:
     assert "application/problem+json" in responses["409"]["content"]
     assert "text/csv" in schema["paths"]["/v1/admin/cost-matrices/import"]["post"]["requestBody"]["content"]
     assert env.client.get("/docs").status_code == 200
+
+
+def test_metrics_do_not_take_unknown_methods_as_labels(env: ApiEnv) -> None:
+    for method in ("PROPFIND", "FOO1", "FOO2"):  # scanners: each must not become a label value of its own
+        assert env.client.request(method, "/healthz").status_code == 405
+    text = env.client.get("/metrics").text
+    assert 'rxverify_http_requests_total{method="OTHER",route="/healthz",status="405"} 3.0' in text
+    assert "PROPFIND" not in text and "FOO1" not in text
+
+
+def test_a_client_that_leaves_mid_upload_is_a_499_not_a_server_error(
+        env: ApiEnv, caplog: pytest.LogCaptureFixture) -> None:
+    """A dropped connection while the photo streams in: logged at INFO and counted as 499, no traceback."""
+    import asyncio
+
+    messages = iter([{"type": "http.request", "body": b"--b\r\nContent-Disposition: form-data; name=",
+                      "more_body": True}, {"type": "http.disconnect"}])
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return next(messages)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    headers = [(b"x-api-key", env.as_role("client")["X-API-Key"].encode()),
+               (b"content-type", b"multipart/form-data; boundary=b"), (b"content-length", b"100000")]
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/verifications", "raw_path": b"/v1/verifications", "query_string": b"", "root_path": "",
+             "headers": headers, "client": ("127.0.0.1", 1), "server": ("testserver", 80), "app": env.client.app}
+    with caplog.at_level(logging.INFO):
+        asyncio.run(env.client.app(scope, receive, send))
+    assert sent[0]["status"] == 499
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+    assert any("client disconnected" in r.getMessage() for r in caplog.records)
+    text = env.client.get("/metrics").text
+    assert 'rxverify_http_requests_total{method="POST",route="/v1/verifications",status="499"} 1.0' in text
