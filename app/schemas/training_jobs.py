@@ -33,19 +33,19 @@ class Hyperparameters(RequestModel):
 
     epochs: int | None = Field(default=None, ge=1, le=1000, strict=True)
     batch_size: int | None = Field(default=None, ge=1, le=4096, strict=True)
-    lr: float | None = Field(default=None, gt=0, le=1)
+    lr: float | None = Field(default=None, gt=0, le=1, strict=True)
     optimizer: Literal["adam", "sgd"] | None = None
-    weight_decay: float | None = Field(default=None, ge=0, le=1)
+    weight_decay: float | None = Field(default=None, ge=0, le=1, strict=True)
     scheduler: Literal["none", "cosine", "step"] | None = None
     freeze_bn: bool | None = Field(default=None, strict=True)
-    lam: float | None = Field(default=None, ge=0, le=1000, description="CSADA: weight of the adversarial term.")
-    eps: float | None = Field(default=None, ge=0, le=1000, description="CSADA: radius of the perturbation ball.")
+    lam: float | None = Field(default=None, ge=0, le=1000, strict=True, description="CSADA: weight of the adversarial term.")
+    eps: float | None = Field(default=None, ge=0, le=1000, strict=True, description="CSADA: radius of the perturbation ball.")
     steps: int | None = Field(default=None, ge=0, le=1000, strict=True, description="CSADA: K ascent steps.")
-    step_size: float | None = Field(default=None, ge=0, le=100, description="CSADA: ascent step size eta_2.")
-    tau: float | None = Field(default=None, ge=0, le=100, description="CSADA: pair temperature c^tau.")
+    step_size: float | None = Field(default=None, ge=0, le=100, strict=True, description="CSADA: ascent step size eta_2.")
+    tau: float | None = Field(default=None, ge=0, le=100, strict=True, description="CSADA: pair temperature c^tau.")
     norm: Literal["linf", "l2"] | None = Field(default=None, description="CSADA: perturbation ball.")
     sign: bool | None = Field(default=None, strict=True, description="CSADA: sign-gradient ascent.")
-    alpha: float | None = Field(default=None, ge=0, le=1000, description="AP: penalty weight.")
+    alpha: float | None = Field(default=None, ge=0, le=1000, strict=True, description="AP: penalty weight.")
 
 
 class TrainingJobCreate(RequestModel):

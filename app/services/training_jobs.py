@@ -144,15 +144,18 @@ def create_job(session: Session, *, request: JobRequest, actor: Actor,
     feedback_through = None
     if request.include_feedback:
         feedback_through = session.scalar(select(func.max(Resolution.id))) or 0
+    auto_promote = auto_promote_default if request.auto_promote is None else request.auto_promote
+    # auto_promote is part of the identity: an admin's self-promoting job is not the same request as an
+    # otherwise identical one that waits for a human, and must not be answered with it.
     digest = request_sha256({
         "base_model": base.id, "cost_matrix_version": cost_matrix_version, "method": request.method,
         "dataset": {"id": dataset.id, "fingerprint": dataset.fingerprint}, "hyperparameters": hyperparameters,
-        "seed": request.seed, "include_feedback": request.include_feedback, "feedback_through": feedback_through})
+        "seed": request.seed, "include_feedback": request.include_feedback, "feedback_through": feedback_through,
+        "auto_promote": auto_promote})
     existing = session.scalars(select(TrainingJob).where(TrainingJob.request_sha256 == digest,
                                                          TrainingJob.status.in_(LIVE_STATUSES))).first()
     if existing is not None:
         return existing, False
-    auto_promote = auto_promote_default if request.auto_promote is None else request.auto_promote
     job = TrainingJob(status="queued", method=request.method, dataset_id=dataset.id, dataset_name=dataset.name,
                       include_feedback=request.include_feedback, feedback_through_id=feedback_through,
                       base_model_version_id=base.id, cost_matrix_version_id=cost_matrix_version,

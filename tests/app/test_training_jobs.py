@@ -79,7 +79,11 @@ def test_create_answers_202_with_location_defaults_and_a_dispatched_task(jobs: J
 def test_identical_requests_are_deduplicated_until_the_job_fails(jobs: JobEnv) -> None:
     body = {"dataset": "tiny", "method": "baseline", "hyperparameters": {"epochs": 1}, "seed": 3}
     first = jobs.post(body)
-    again = jobs.post({**body, "auto_promote": True}, role="admin")  # not part of the identity
+    promoting = jobs.post({**body, "auto_promote": True}, role="admin")  # part of the identity: not the same job
+    assert promoting.status_code == 202 and promoting.json()["auto_promote"] is True
+    assert promoting.json()["id"] != first.json()["id"]
+    assert jobs.post({**body, "auto_promote": True}, role="admin").json()["id"] == promoting.json()["id"]
+    again = jobs.post({**body, "auto_promote": False}, role="admin")  # the default, spelt out
     assert first.status_code == 202 and again.status_code == 200
     assert again.json()["id"] == first.json()["id"] and again.json()["deduplicated"] is True
     assert again.headers["Location"] == f"{URL}/{first.json()['id']}"
@@ -91,7 +95,8 @@ def test_identical_requests_are_deduplicated_until_the_job_fails(jobs: JobEnv) -
     assert other_seed.status_code == 202 and other_seed.json()["id"] != first.json()["id"]
     _set_status(jobs.settings, first.json()["id"], "failed")
     retry = jobs.post(body)
-    assert retry.status_code == 202 and retry.json()["id"] not in (first.json()["id"], other_seed.json()["id"])
+    assert retry.status_code == 202 and retry.json()["id"] not in (first.json()["id"], other_seed.json()["id"],
+                                                                   promoting.json()["id"])
 
 
 INVALID: list[tuple[dict[str, Any], str]] = [
@@ -108,6 +113,12 @@ SCHEMA_VIOLATIONS: list[dict[str, Any]] = [
     {"dataset": "tiny", "method": "magic"},
     {"dataset": "tiny", "seed": -1},
     {"dataset": "tiny", "hyperparameters": {"lr": 0}},
+    # Booleans and strings are not numbers (true would read as lr 1.0, false as lambda 0).
+    {"dataset": "tiny", "hyperparameters": {"lr": True}},
+    {"dataset": "tiny", "hyperparameters": {"lam": False}},
+    {"dataset": "tiny", "hyperparameters": {"eps": "0.5"}},
+    {"dataset": "tiny", "hyperparameters": {"weight_decay": False}},
+    {"dataset": "tiny", "method": "ap", "hyperparameters": {"alpha": True}},
     {"dataset": "tiny", "surprise": True},
 ]
 
