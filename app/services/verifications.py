@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import tempfile
 import uuid
@@ -44,6 +45,8 @@ from app.services.verification_log import FeedbackExample as FeedbackExample  # 
 from app.services.verification_log import feedback_examples as feedback_examples  # for the training jobs
 from models.costs import CostMatrix
 from models.decision import Decision
+
+logger = logging.getLogger(__name__)
 
 TOP_K = 5
 _EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
@@ -173,11 +176,12 @@ def cost_matrix_for(session: Session, *, version_id: int, classes: tuple[str, ..
     return matrix
 
 
-def retain_image(settings: Settings, *, data: bytes, sha256: str, image_format: str) -> Path:
-    """Store the upload content-addressed under images_dir (temp file + rename, so never half-written)."""
+def retain_image(settings: Settings, *, data: bytes, sha256: str, image_format: str) -> tuple[Path, bool]:
+    """Store the upload content-addressed under images_dir (temp file + rename, so never half-written);
+    returns the path and whether this call created the file (another row may already hold it)."""
     target = settings.images_dir / sha256[:2] / f"{sha256}.{_EXTENSIONS.get(image_format, 'bin')}"
     if target.is_file():
-        return target
+        return target, False
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, staging = tempfile.mkstemp(prefix=".upload-", dir=target.parent)
     try:
@@ -189,7 +193,25 @@ def retain_image(settings: Settings, *, data: bytes, sha256: str, image_format: 
     except BaseException:
         Path(staging).unlink(missing_ok=True)
         raise
-    return target
+    return target, True
+
+
+def discard_unrecorded_image(session: Session, concluded: Concluded) -> None:
+    """After the audit row failed to commit: delete the image this request stored, unless a committed row
+    (the same photo, sent again) now refers to it. Best effort: if the database cannot say, keep it."""
+    path = concluded.new_image
+    if path is None:
+        return
+    try:
+        referenced = session.scalar(select(Verification.id).where(
+            Verification.image_sha256 == concluded.row.image_sha256).limit(1)) is not None
+        session.rollback()
+    except Exception:
+        session.rollback()
+        logger.warning("kept %s: could not check whether a verification refers to it", path, exc_info=True)
+        return
+    if not referenced:
+        path.unlink(missing_ok=True)
 
 
 def response_body(row: Verification, *, decision: Decision, model_sha256: str,
@@ -225,6 +247,7 @@ class Concluded:
     body: dict[str, Any]
     decision: Decision
     request_sha256: str  # the row's, typed (the Idempotency-Key check compares it)
+    new_image: Path | None = None  # an image file this request created (retain_images), to undo on failure
 
 
 def conclude(session: Session, *, settings: Settings, prepared: Prepared, prediction: Prediction, image: bytes,
@@ -240,8 +263,9 @@ def conclude(session: Session, *, settings: Settings, prepared: Prepared, predic
     # a model without one never auto-accepts (review_only).
     decision, policy_fitted = prediction.decide(prescribed=prepared.prescribed_ndc, cost_matrix=matrix,
                                                 critical_cost=settings.critical_cost_threshold, top_k=TOP_K)
-    image_path = (retain_image(settings, data=image, sha256=prepared.image_sha256, image_format=image_info.format)
-                  if settings.retain_images else None)
+    image_path, created = (retain_image(settings, data=image, sha256=prepared.image_sha256,
+                                        image_format=image_info.format)
+                           if settings.retain_images else (None, False))
     row = Verification(
         id=str(uuid.uuid4()), created_at=utcnow(), api_key_id=api_key_id, client_reference=client_reference,
         idempotency_key=idempotency_key, request_sha256=prepared.request_sha256,
@@ -256,7 +280,8 @@ def conclude(session: Session, *, settings: Settings, prepared: Prepared, predic
     body = response_body(row, decision=decision, model_sha256=prediction.served.weights_sha256,
                          policy_fitted=policy_fitted)
     row.top, row.response = body["top"], body
-    return Concluded(row=row, body=body, decision=decision, request_sha256=prepared.request_sha256)
+    return Concluded(row=row, body=body, decision=decision, request_sha256=prepared.request_sha256,
+                     new_image=image_path if created else None)
 
 
 def record(session: Session, concluded: Concluded) -> Outcome:

@@ -303,21 +303,29 @@ def test_a_writer_queued_past_the_busy_timeout_gets_a_503_and_the_service_recove
         checkpoint_root: Path) -> None:
     template, keys = seeded_sqlite_template
     settings = served_settings(template, tmp_path / "data", checkpoint=cached_checkpoint(checkpoint_root),
-                               db_busy_timeout_ms=200)
+                               db_busy_timeout_ms=200, retain_images=True)
     env = ApiEnv(settings, make_client(settings), dict(keys))
     queue = env.client.app.state.db._write_lock
-    assert queue.acquire()  # another in-process writer holds it
-    try:
-        refused = post_verification(env.client, env.keys[Role.CLIENT], image=jpeg_photo(seed=3))
-        assert refused.status_code == 503, refused.text
-        assert refused.headers["content-type"] == "application/problem+json"
-        assert refused.json()["type"].endswith("database-unavailable")
-        assert rows(settings) == []  # nothing half-written
-    finally:
-        queue.release()
+
+    def refused(image: bytes) -> None:
+        assert queue.acquire()  # another in-process writer holds it
+        try:
+            response = post_verification(env.client, env.keys[Role.CLIENT], image=image)
+            assert response.status_code == 503, response.text
+            assert response.headers["content-type"] == "application/problem+json"
+            assert response.json()["type"].endswith("database-unavailable")
+        finally:
+            queue.release()
+
+    refused(jpeg_photo(seed=3))
+    assert rows(settings) == []  # nothing half-written
+    assert list(settings.images_dir.rglob("*.*")) == []  # nor the retained photo
     answered = post_verification(env.client, env.keys[Role.CLIENT], image=jpeg_photo(seed=3))
     assert answered.status_code == 200, answered.text
-    assert [row.id for row in rows(settings)] == [answered.json()["id"]]
+    [row] = rows(settings)
+    assert row.id == answered.json()["id"] and row.image_path and Path(row.image_path).is_file()
+    refused(jpeg_photo(seed=3))  # the same photo again: the stored file belongs to the committed row
+    assert Path(row.image_path).is_file() and list(settings.images_dir.rglob("*.*")) == [Path(row.image_path)]
 
 
 def test_a_queued_writer_goes_on_as_soon_as_the_other_commits(served: ApiEnv) -> None:
