@@ -142,7 +142,10 @@ def promote(model_version_id: IdPath, body: PromoteRequest, actor: AdminActor, s
     `force: true` with a `reason` overrides a failed gate; the override is recorded in the history and the
     audit log. Every API process then serves the new version (pub/sub, or its poll).
     """
+    # A slow step (scoring the active model on the candidate's validation split) runs first, outside the
+    # transaction that locks the active state.
+    ahead = promotion.evaluate_ahead_of_promote(request.app.state.db, settings, model_version_id=model_version_id)
     entry = promotion.promote(session, settings, model_version_id=model_version_id, actor=actor,
-                              reason=body.reason, force=body.force)
+                              reason=body.reason, force=body.force, ahead=ahead)
     background.add_task(_announce, request, settings, entry.to_model_version_id, "promote")
     return ActiveModel(active_model_version=entry.to_model_version_id, promotion=promotion_read(entry))

@@ -169,6 +169,19 @@ def evaluate_active_ahead(database: Database, settings: Settings, *, parent_id: 
                        _valid_report(settings, path, data_root=data_root, cost_matrix=cost_matrix))
 
 
+def evaluate_ahead_of_promote(database: Database, settings: Settings, *, model_version_id: int) -> AheadReport | None:
+    """`evaluate_active_ahead` for the API's promote: the evaluation runs before `promote` locks the
+    active state, so a slow one never holds that lock (or a connection) while other writers wait. None when
+    not needed, or when the candidate or its dataset is unknown (`promote` then says why)."""
+    with database.session() as session:
+        candidate = session.get(ModelVersion, model_version_id)
+        dataset = _dataset_of(session, candidate) if candidate is not None else None
+        if candidate is None or dataset is None:
+            return None
+        parent_id, dataset_id, classes = candidate.parent_id, dataset.id, tuple(candidate.classes)
+    return evaluate_active_ahead(database, settings, parent_id=parent_id, dataset_id=dataset_id, classes=classes)
+
+
 def evaluate_gate(session: Session, settings: Settings, *, candidate: ModelVersion,
                   active: ModelVersion | None, ahead: AheadReport | None = None) -> GateResult:
     """The gate for `candidate` against `active` (passes trivially when nothing is active)."""
@@ -231,8 +244,11 @@ def _get(session: Session, model_version_id: int) -> ModelVersion:
 
 
 def promote(session: Session, settings: Settings, *, model_version_id: int, actor: Actor,
-            reason: str | None, force: bool = False) -> ModelPromotion:
-    """Make a candidate active if it passes the gate (409 with every failed check), or with `force` + reason."""
+            reason: str | None, force: bool = False, ahead: AheadReport | None = None) -> ModelPromotion:
+    """Make a candidate active if it passes the gate (409 with every failed check), or with `force` + reason.
+
+    `ahead`: the active model's report from `evaluate_ahead_of_promote`, used if still current.
+    """
     if force and not (reason and reason.strip()):
         raise InvalidInput("a forced promotion needs a reason (it is audited)",
                            errors=[FieldError("reason", "required when force is true", "required")])
@@ -242,7 +258,7 @@ def promote(session: Session, settings: Settings, *, model_version_id: int, acto
     active = active_model_version(session)
     if active is not None and active.id == version.id:
         raise Conflict(f"model version {version.id} is already active", slug="model-already-active")
-    gate = evaluate_gate(session, settings, candidate=version, active=active)
+    gate = evaluate_gate(session, settings, candidate=version, active=active, ahead=ahead)
     if not gate.passed and not force:
         raise Conflict(f"model version {version.id} fails the promotion gate: {gate.describe()}",
                        slug="promotion-gate-failed", title="The candidate fails the promotion gate",

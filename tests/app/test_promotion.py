@@ -226,10 +226,20 @@ def test_models_list_and_detail_show_the_comparison_with_the_parent(registry: Re
     assert detail["checkpoint_path"] and detail["lineage"]["parent_sha256"]
 
 
-def test_gate_evaluates_the_active_model_when_no_stored_evaluation_fits(registry: Registry) -> None:
-    """The candidate's parent is not the active model: the active one is scored on the candidate's valid split."""
+def test_gate_evaluates_the_active_model_when_no_stored_evaluation_fits(
+        registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The candidate's parent is not the active model: the active one is scored on the candidate's valid split,
+    before the active state is locked (a slow evaluation must not hold the lock other writers wait on)."""
+    from app.services import promotion
+
+    calls: list[str] = []
+    lock, score = promotion._lock_active, promotion._valid_report
+    monkeypatch.setattr(promotion, "_lock_active", lambda session: (calls.append("lock"), lock(session))[1])
+    monkeypatch.setattr(promotion, "_valid_report",
+                        lambda *args, **kwargs: (calls.append("evaluate"), score(*args, **kwargs))[1])
     orphan = registry.candidate(report({}, per_class=3), parent_report=None, parent=None)
     response = registry.promote(orphan)
+    assert calls == ["evaluate", "lock"]
     # A perfect 12-image validation run cannot be worse than the real model A on the same 12 images.
     assert response.status_code == 200, response.text
     gate = response.json()["promotion"]["gate"]
