@@ -305,7 +305,9 @@ class InferenceEngine:
                                                    [item.tensor for item in group])
             except Exception as error:
                 logger.exception("forward pass of model %s failed", served.version)
-                detail = f"model {served.version} failed: {error}"
+                # The exception text (shapes, device names, paths) stays in the log; the client gets the
+                # version and the request id to quote.
+                detail = f"model {served.version} failed to run ({type(error).__name__}); the service log has the details"
                 _fail(group, functools.partial(InferenceFailed, detail))
                 continue
             self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (time.perf_counter() - started)
