@@ -11,6 +11,7 @@ The request that loses gets a 409 and can retry against the new state.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 
 from sqlalchemy import CursorResult, update
@@ -23,15 +24,22 @@ Pointer = Literal["model_version_id", "cost_matrix_version_id"]
 _WHAT = {"model_version_id": "model version", "cost_matrix_version_id": "cost-matrix version"}
 
 
-def move_active(session: Session, pointer: Pointer, *, previous: int | None, new: int) -> None:
-    """Point `pointer` at `new` if it still holds `previous`; else 409 `active-changed`."""
+def move_active(session: Session, pointer: Pointer, *, previous: int | None, new: int,
+                unchanged: Mapping[Pointer, int | None] | None = None) -> None:
+    """Point `pointer` at `new` if it still holds `previous` and every pointer in `unchanged` still holds
+    its value (a promotion gated under one cost-matrix version must not land after another became
+    active); else 409 `active-changed`."""
     column = getattr(ActiveState, pointer)
-    result = session.execute(update(ActiveState)
-                             .where(ActiveState.id == ACTIVE_STATE_ID, column.is_not_distinct_from(previous))
-                             .values({pointer: new}))
+    conditions = [ActiveState.id == ACTIVE_STATE_ID, column.is_not_distinct_from(previous)]
+    conditions += [getattr(ActiveState, other).is_not_distinct_from(value)
+                   for other, value in (unchanged or {}).items()]
+    result = session.execute(update(ActiveState).where(*conditions).values({pointer: new}))
     assert isinstance(result, CursorResult)
     if result.rowcount != 1:
         what = _WHAT[pointer]
-        raise Conflict(f"the active {what} changed while this request was handled (it was {previous}); "
+        also = "".join(f", or the active {_WHAT[other]} is no longer {value}" for other, value in (unchanged or {}).items())
+        raise Conflict(f"the active {what} changed while this request was handled (it was {previous}{also}); "
                        "read the new state and retry", slug="active-changed",
-                       title=f"The active {what} changed concurrently", extra={"expected_active": previous})
+                       title=f"The active {what} changed concurrently",
+                       extra={"expected_active": previous,
+                              **{f"expected_{other}": value for other, value in (unchanged or {}).items()}})

@@ -25,7 +25,7 @@ from app.db import Database
 from app.errors import Conflict, FieldError, InvalidInput, NotFound
 from app.orm import ACTIVE_STATE_ID, ActiveState, Dataset, ModelPromotion, ModelVersion
 from app.services import evaluation
-from app.services.active_state import move_active
+from app.services.active_state import Pointer, move_active
 from app.services.audit import Actor, record_change
 from app.services.cost_matrices import active_version_id, cost_matrix_of
 from app.services.model_registry import active_model_version, check_classes_in_catalog, checkpoint_path
@@ -216,7 +216,11 @@ def evaluate_gate(session: Session, settings: Settings, *, candidate: ModelVersi
 
 def _apply(session: Session, *, version: ModelVersion, previous: int | None, action: str, actor: Actor,
            reason: str | None, forced: bool = False, gate: dict[str, Any] | None = None) -> ModelPromotion:
-    move_active(session, "model_version_id", previous=previous, new=version.id)
+    # A gated promotion lands only under the cost matrix it was gated against (on SQLite nothing locks
+    # the active state between the gate's reads and this write; PostgreSQL holds the row lock anyway).
+    gated_under: dict[Pointer, int | None] | None = (
+        {"cost_matrix_version_id": gate["cost_matrix_version"]} if gate and "cost_matrix_version" in gate else None)
+    move_active(session, "model_version_id", previous=previous, new=version.id, unchanged=gated_under)
     version.status = "promoted"
     entry = ModelPromotion(action=action, from_model_version_id=previous, to_model_version_id=version.id,
                            actor=actor.name, actor_key_id=actor.key_id, reason=reason, forced=forced,

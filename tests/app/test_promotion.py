@@ -286,3 +286,44 @@ def test_auto_promote_uses_the_report_evaluated_ahead_of_its_transaction(
     finally:
         database.dispose()
     assert registry.active() == orphan
+
+
+def test_a_promotion_gated_under_one_cost_matrix_does_not_land_after_another_is_activated(
+        registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gate under version N, then another request activates N+1 before the promotion writes: 409
+    `active-changed`, nothing promoted (on SQLite nothing else would stop it)."""
+    if not registry.settings.is_sqlite:
+        pytest.skip("PostgreSQL holds the active state's row lock from before the gate to the write, so the "
+                    "competing activation waits for the promotion to commit (here, on the same thread, forever)")
+    from app.services import promotion
+    from app.services.active_state import move_active
+    from tests.app.factories import change, edit
+
+    pharmacist = registry.headers("pharmacist")
+    created = registry.client.post("/v1/admin/cost-matrices", headers=pharmacist,
+                                   json=edit(registry.seeded.cost_matrix_version, change(K[0], K[1], 3)))
+    assert created.status_code == 201, created.text
+    newer = created.json()["version"]
+    better = registry.candidate(BETTER)
+    real_gate = promotion.evaluate_gate
+
+    def gate_then_someone_activates(*args: Any, **kwargs: Any) -> Any:
+        gate = real_gate(*args, **kwargs)
+        database = Database(registry.settings)
+        try:
+            with database.session() as session:  # another request, committed in between
+                move_active(session, "cost_matrix_version_id", previous=registry.seeded.cost_matrix_version,
+                            new=newer)
+        finally:
+            database.dispose()
+        return gate
+
+    monkeypatch.setattr(promotion, "evaluate_gate", gate_then_someone_activates)
+    response = registry.promote(better)
+    assert response.status_code == 409 and response.json()["type"].endswith("active-changed"), response.text
+    assert response.json()["expected_cost_matrix_version_id"] == registry.seeded.cost_matrix_version
+    assert registry.active() == registry.seeded.base_model
+    monkeypatch.setattr(promotion, "evaluate_gate", real_gate)
+    again = registry.promote(better)  # the retry is gated under the new version
+    assert again.status_code == 200, again.text
+    assert again.json()["promotion"]["gate"]["cost_matrix_version"] == newer
