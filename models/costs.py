@@ -30,6 +30,11 @@ class CostMatrixError(ValueError):
         self.row = row
 
 
+def _field_name(name: str) -> str:
+    """A header field without spaces or a byte-order mark (a stream opened as plain UTF-8 keeps it)."""
+    return name.strip().lstrip("\ufeff").strip()
+
+
 def check_cost(true: str, predicted: str, cost: float | str, *, max_cost: float = math.inf,
                row: int | None = None) -> float:
     """Validate one cell and return it as a float: finite, >= 0, <= max_cost, and 0 on the diagonal."""
@@ -113,7 +118,7 @@ class CostMatrix:
                  default: float = DEFAULT_OFF_DIAGONAL_COST, max_cost: float = math.inf) -> CostMatrix:
         """Read the long form `true,predicted,cost` (or `true_ndc,predicted_ndc,cost`)."""
         if isinstance(source, str | Path):
-            with open(source, newline="") as handle:
+            with open(source, newline="", encoding="utf-8-sig") as handle:  # Excel's CSVs start with a BOM
                 return cls.read_csv(handle, classes, default=default, max_cost=max_cost)
         reader = csv.DictReader(source, restkey=_EXTRA_FIELDS)
         try:
@@ -125,7 +130,7 @@ class CostMatrix:
     @classmethod
     def _read_rows(cls, reader: csv.DictReader[str], classes: Sequence[str], *, default: float,
                    max_cost: float) -> CostMatrix:
-        fields = [name.strip() for name in (reader.fieldnames or [])]
+        fields = [_field_name(name) for name in (reader.fieldnames or [])]
         true_col = next((c for c in _TRUE_COLUMNS if c in fields), None)
         pred_col = next((c for c in _PREDICTED_COLUMNS if c in fields), None)
         if true_col is None or pred_col is None or "cost" not in fields:
@@ -139,7 +144,7 @@ class CostMatrix:
             if _EXTRA_FIELDS in raw:
                 raise CostMatrixError(f"{len(fields) + len(raw[_EXTRA_FIELDS])} fields where the header has "
                                       f"{len(fields)}", row=row_number)
-            row = {(key or "").strip(): (value or "").strip() for key, value in raw.items()}
+            row = {_field_name(key or ""): (value or "").strip() for key, value in raw.items()}
             true, predicted = row.get(true_col, ""), row.get(pred_col, "")
             for name in (true, predicted):
                 if name not in index:

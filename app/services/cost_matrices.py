@@ -148,7 +148,7 @@ def import_csv(session: Session, *, parent_version: int | None, reason: str, tex
     """A new version holding exactly the CSV's costs (header `true_ndc,predicted_ndc,cost`; unlisted = 1)."""
     classes = sorted(catalog_keys(session))
     try:
-        matrix = CostMatrix.read_csv(io.StringIO(text.lstrip("\ufeff")), classes, max_cost=max_cost)
+        matrix = CostMatrix.read_csv(io.StringIO(text), classes, max_cost=max_cost)
     except CostMatrixError as exc:
         field = f"row {exc.row}" if exc.row is not None else "csv"
         pair = f" ({exc.true} -> {exc.predicted})" if exc.true is not None else ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -39,6 +40,14 @@ def test_csv_round_trip_both_headers() -> None:
     assert CostMatrix.read_csv(io.StringIO(text), CLASSES) == matrix
     app_text = matrix.to_csv(header=("true_ndc", "predicted_ndc", "cost"))
     assert CostMatrix.read_csv(io.StringIO(app_text), CLASSES) == matrix
+
+
+def test_a_csv_saved_by_excel_reads_despite_its_byte_order_mark(tmp_path: Path) -> None:
+    matrix = CostMatrix.from_pairs(CLASSES, {("a", "b"): 10})
+    path = tmp_path / "costs.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + matrix.to_csv().replace("\n", "\r\n").encode())
+    assert CostMatrix.read_csv(path, CLASSES) == matrix
+    assert CostMatrix.read_csv(io.StringIO("\ufeff" + matrix.to_csv()), CLASSES) == matrix
 
 
 @pytest.mark.parametrize(
