@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from app.api.deps import AdminActor, PharmacistActor, SessionDep, SettingsDep
 from app.config import Settings
 from app.errors import NotFound
-from app.orm import Dataset, ModelPromotion, ModelVersion, TrainingJob
+from app.orm import Dataset, ModelPromotion, ModelVersion, Role, TrainingJob
 from app.schemas.common import MAX_ID, IdPath, IdQuery, problem_responses
 from app.schemas.models import (
     ActiveModel,
@@ -104,9 +104,12 @@ def rollback(body: RollbackRequest, actor: AdminActor, session: SessionDep, sett
 
 
 @router.get("/{model_version_id}", response_model=ModelVersionDetail)
-def get_model(model_version_id: IdPath, _actor: PharmacistActor, session: SessionDep,
+def get_model(model_version_id: IdPath, actor: PharmacistActor, session: SessionDep,
               settings: SettingsDep) -> ModelVersionDetail:
-    """One version: lineage, metrics with confusion matrices, verdict policy, Tables 5-6 vs its parent."""
+    """One version: lineage, metrics with confusion matrices, verdict policy, Tables 5-6 vs its parent.
+
+    The checkpoint's path on the server is shown to admins only.
+    """
     version = session.get(ModelVersion, model_version_id)
     if version is None:
         raise NotFound(f"model version {model_version_id} does not exist", slug="model-version-not-found")
@@ -116,7 +119,7 @@ def get_model(model_version_id: IdPath, _actor: PharmacistActor, session: Sessio
     entries = promotion.history(session, limit=200, model_version_id=version.id)
     return ModelVersionDetail.model_validate({
         **summary, "metrics": version.metrics or {}, "decision": version.decision or {},
-        "checkpoint_path": str(checkpoint_path(settings, version)),
+        "checkpoint_path": str(checkpoint_path(settings, version)) if actor.role.includes(Role.ADMIN) else None,
         "promotions": [promotion_read(entry) for entry in entries]})
 
 

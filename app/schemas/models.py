@@ -79,7 +79,8 @@ class ModelVersionDetail(ModelVersionSummary):
 
     metrics: dict[str, Any]
     decision: dict[str, Any] = Field(description="Verdict thresholds and conformal quantiles fitted on validation.")
-    checkpoint_path: str
+    checkpoint_path: str | None = Field(description="Where the weights lie on the server; admins only (null "
+                                                    "for other roles).")
     promotions: list[PromotionRead]
 
 
