@@ -33,7 +33,8 @@ def model_loaded(request: Request) -> bool:
 def readyz(request: Request) -> JSONResponse:
     """Readiness: database and broker reachable and a model loaded; 503 with the same body otherwise."""
     settings = request.app.state.settings
-    database = check_database(request.app.state.db.engine)
+    database = check_database(request.app.state.db.engine,
+                              pool_capacity=settings.db_pool_size + settings.db_max_overflow)
     broker = check_broker(settings.broker_url, timeout_s=settings.readiness_timeout_s)
     loaded = model_loaded(request)
     body = Readiness(ready=database.ok and broker.ok and loaded,

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from kombu import Connection
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
-from sqlalchemy.pool import NullPool
+from sqlalchemy.pool import NullPool, QueuePool
 
 logger = logging.getLogger(__name__)
 
@@ -23,9 +23,17 @@ class CheckResult:
     error: str | None = None
 
 
-def check_database(engine: Engine) -> CheckResult:
-    """Run `SELECT 1` on a pooled connection."""
+def check_database(engine: Engine, *, pool_capacity: int | None = None) -> CheckResult:
+    """Run `SELECT 1` on a pooled connection.
+
+    With `pool_capacity` (pool size plus overflow), a pool whose connections are all checked out fails
+    the check at once: the probe would otherwise wait out the pool's timeout (30 s) behind the requests
+    that hold them, and a replica in that state cannot take more work anyway.
+    """
     started = time.perf_counter()
+    pool = engine.pool
+    if pool_capacity is not None and isinstance(pool, QueuePool) and pool.checkedout() >= pool_capacity:
+        return CheckResult(False, _ms(started), f"all {pool_capacity} pooled database connections are in use")
     try:
         with engine.connect() as connection:
             connection.execute(text("SELECT 1"))

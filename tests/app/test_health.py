@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 import pytest
@@ -54,6 +55,24 @@ def test_readyz_reports_an_unreachable_broker(sqlite_settings: Settings, make_cl
     error = response.json()["broker"]["error"]
     # /readyz needs no key: it names the kind of failure, never the broker's address (that goes to the log).
     assert error and "127.0.0.1" not in error and ":1" not in error
+
+
+def test_readyz_fails_at_once_while_every_pooled_connection_is_in_use(sqlite_settings: Settings,
+                                                                       make_client: Any) -> None:
+    """The probe would otherwise queue behind the requests holding them for the pool's 30 s timeout."""
+    settings = sqlite_settings.model_copy(update={"db_pool_size": 1, "db_max_overflow": 0})
+    client = make_client(settings)
+    client.app.state.model_ready = True
+    assert client.get("/readyz").status_code == 200
+    with client.app.state.db.engine.connect():  # a slow request holds the pool's only connection
+        started = time.perf_counter()
+        response = client.get("/readyz")
+        waited = time.perf_counter() - started
+    assert response.status_code == 503 and waited < 5, waited
+    assert response.json()["database"] == {
+        "ok": False, "latency_ms": response.json()["database"]["latency_ms"],
+        "error": "all 1 pooled database connections are in use"}
+    assert client.get("/readyz").status_code == 200  # given back: ready again
 
 
 def test_metrics_count_requests_by_route(env: ApiEnv) -> None:
