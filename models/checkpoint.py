@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import glob
 import hashlib
 import importlib.metadata
 import json
@@ -227,10 +228,48 @@ def _write_file(path: Path, data: bytes) -> None:
         os.fsync(handle.fileno())
 
 
+def _retired_copies(directory: Path) -> list[Path]:
+    """Checkpoints an overwrite moved aside, newest first (left behind only by a process killed mid-swap)."""
+    if not directory.parent.is_dir():
+        return []
+    found = [old / "checkpoint" for old in directory.parent.glob(f".{glob.escape(directory.name)}.old-*")
+             if (old / "checkpoint" / WEIGHTS_FILE).is_file()]
+    return sorted(found, key=lambda path: path.stat().st_mtime, reverse=True)
+
+
+def _missing(directory: str | Path, name: str) -> CheckpointError:
+    """The error for a checkpoint file that is not there, naming a copy an interrupted overwrite left."""
+    retired = _retired_copies(Path(directory))
+    hint = (f"; an overwrite of it was interrupted and the previous checkpoint is at {retired[0]} (writing "
+            "to this path again puts it back first)") if retired and not Path(directory).exists() else ""
+    return CheckpointError(f"{directory} is not a checkpoint: {name} is missing{hint}")
+
+
+def _restore_interrupted_overwrite(directory: Path) -> None:
+    """Put back the checkpoint an overwrite had moved aside when its process died before the new one
+    moved in (the one window in which `directory` holds nothing), and drop older leftovers."""
+    retired = _retired_copies(directory)
+    if not retired:
+        return
+    if not directory.exists():
+        os.replace(retired[0], directory)
+        _fsync_dir(directory.parent)
+        shutil.rmtree(retired[0].parent, ignore_errors=True)
+        retired = retired[1:]
+    for path in retired:
+        shutil.rmtree(path.parent, ignore_errors=True)
+
+
 def _publish(directory: Path, files: Mapping[str, bytes], *, overwrite: bool) -> None:
-    """Write files into a temp dir beside `directory`, fsync, then rename it into place."""
+    """Write files into a temp dir beside `directory`, fsync, then rename it into place.
+
+    Replacing a checkpoint takes two renames (rename(2) cannot replace a non-empty directory): the old
+    one moves aside, then the new one moves in. A process killed between them leaves `directory` empty
+    and the old checkpoint beside it; the next write to `directory` puts it back before going on.
+    """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
+    _restore_interrupted_overwrite(directory)
     if directory.exists() and not directory.is_dir():
         raise CheckpointError(f"{directory} exists and is not a directory")
     if directory.exists() and any(directory.iterdir()) and not overwrite:
@@ -276,7 +315,7 @@ def read_metadata(directory: str | Path) -> CheckpointMetadata:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"{directory} is not a checkpoint: {METADATA_FILE} is missing") from None
+        raise _missing(directory, METADATA_FILE) from None
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{path} is not valid JSON: {error}") from None
     return CheckpointMetadata.from_dict(data)
@@ -287,7 +326,7 @@ def _read_weights(directory: str | Path) -> bytes:
     try:
         return path.read_bytes()
     except FileNotFoundError:
-        raise CheckpointError(f"{directory} is not a checkpoint: {WEIGHTS_FILE} is missing") from None
+        raise _missing(directory, WEIGHTS_FILE) from None
 
 
 def weights_sha256(directory: str | Path) -> str:
@@ -295,7 +334,7 @@ def weights_sha256(directory: str | Path) -> str:
     digest = hashlib.sha256()
     path = Path(directory) / WEIGHTS_FILE
     if not path.is_file():
-        raise CheckpointError(f"{directory} is not a checkpoint: {WEIGHTS_FILE} is missing")
+        raise _missing(directory, WEIGHTS_FILE)
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)

@@ -133,6 +133,25 @@ def test_failed_swap_restores_the_old_checkpoint(tmp_path: Path, monkeypatch: py
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
 
 
+def test_an_overwrite_killed_between_its_two_renames_is_recovered(tmp_path: Path) -> None:
+    """The state a kill -9 leaves after the old checkpoint moved aside and before the new one moved in."""
+    first = save_checkpoint(tmp_path / "ckpt", model=trained_model(), metadata=make_metadata())
+    (tmp_path / ".ckpt.old-x1").mkdir()
+    os.replace(tmp_path / "ckpt", tmp_path / ".ckpt.old-x1" / "checkpoint")
+    with pytest.raises(CheckpointError, match=r"interrupted.*\.ckpt\.old-x1"):
+        load_checkpoint(tmp_path / "ckpt")
+    # The next write puts the old one back first: without overwrite it refuses, as for any checkpoint.
+    with pytest.raises(CheckpointError, match="already holds files"):
+        save_checkpoint(tmp_path / "ckpt", model=create_model("tiny_cnn", 3), metadata=make_metadata())
+    assert weights_sha256(tmp_path / "ckpt") == first and sorted(os.listdir(tmp_path)) == ["ckpt"]
+    (tmp_path / ".ckpt.old-x2").mkdir()
+    os.replace(tmp_path / "ckpt", tmp_path / ".ckpt.old-x2" / "checkpoint")
+    second = save_checkpoint(tmp_path / "ckpt", model=create_model("tiny_cnn", 3), metadata=make_metadata(),
+                             overwrite=True)
+    assert second != first and load_checkpoint(tmp_path / "ckpt").weights_sha256 == second
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+
+
 def test_existing_directory_is_not_clobbered(tmp_path: Path) -> None:
     save_checkpoint(tmp_path / "ckpt", model=trained_model(), metadata=make_metadata())
     with pytest.raises(CheckpointError, match="already holds files"):
