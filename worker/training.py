@@ -29,6 +29,7 @@ from app.orm import Dataset, ModelVersion, Resolution, TrainingJob, Verification
 from app.services.cost_matrices import cost_matrix_of
 from app.services.datasets import link_or_copy
 from app.services.model_registry import checkpoint_path
+from models.commands.progress import Eta
 from models.commands.train import TrainOutcome, TrainRequest
 from models.engine import ProgressEvent, TrainConfig, TrainingState
 from worker import leases
@@ -265,6 +266,7 @@ class Hooks:
     _unwritten: dict[str, Any] = field(default_factory=dict)  # columns whose write failed, sent with the next
     _last_write: float = -math.inf
     _last_poll: float = -math.inf
+    _eta: Eta = field(default_factory=Eta)  # from the attempt's first step: start-up and resume excluded
 
     def write(self, **values: Any) -> None:
         """Store progress (and other columns) while the lease is ours; a lost lease stops the attempt.
@@ -288,8 +290,7 @@ class Hooks:
         """Epoch/step of the total, loss, attack success rate and ETA; written at most every second."""
         total = event.epochs * event.steps_per_epoch
         done = event.epoch * event.steps_per_epoch + event.step
-        done_here = done - self.start_epoch * event.steps_per_epoch
-        eta = event.elapsed_s / done_here * (total - done) if done_here > 0 else None
+        eta = self._eta(elapsed_s=event.elapsed_s, done=done, total=total)  # None until a second step
         self.progress.update(phase="training", epoch=event.epoch + 1, epochs=event.epochs, step=event.step,
                              steps_per_epoch=event.steps_per_epoch, fraction=done / total if total else 1.0,
                              loss=event.loss if math.isfinite(event.loss) else None,

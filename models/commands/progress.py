@@ -14,9 +14,31 @@ def bar(fraction: float, *, width: int = 24) -> str:
     return f"[{'#' * filled}{'-' * (width - filled)}] {100 * fraction:3.0f}%"
 
 
-def eta_seconds(*, elapsed_s: float, done: float, total: float) -> float:
-    """Remaining seconds at the rate so far (0 before any progress)."""
-    return elapsed_s / done * (total - done) if done > 0 else 0.0
+class Eta:
+    """Remaining seconds at the rate measured since the first report, or None before a second one.
+
+    The time before the first item is done holds the start-up (worker processes, data-loader workers,
+    first allocations): at the whole-run rate an early estimate came out many times too long (the demo
+    rendering's first line said 1269 s for 8 s of work). Reports after a resume start the clock afresh.
+    """
+
+    def __init__(self) -> None:
+        self._first: tuple[float, float] | None = None
+
+    def __call__(self, *, elapsed_s: float, done: float, total: float) -> float | None:
+        if self._first is None:
+            self._first = (elapsed_s, done)
+        first_elapsed, first_done = self._first
+        if done >= total:
+            return 0.0
+        if done <= first_done:
+            return None
+        return max(elapsed_s - first_elapsed, 0.0) / (done - first_done) * (total - done)
+
+
+def eta_text(eta_s: float | None) -> str:
+    """`ETA 42s`, or `ETA --` while unknown."""
+    return "ETA --" if eta_s is None else f"ETA {eta_s:.0f}s"
 
 
 class ProgressLine:

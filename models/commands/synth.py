@@ -52,16 +52,17 @@ def parse_overrides(items: list[str]) -> Any:
 
 def progress_printer() -> Any:
     """`progress(done, total)` for generate_synthetic_pills: a bar with the ETA on stderr."""
-    from models.commands.progress import ProgressLine, bar, eta_seconds
+    from models.commands.progress import Eta, ProgressLine, bar, eta_text
 
     start = time.perf_counter()
     line = ProgressLine()
+    estimate = Eta()
 
     def progress(done: int, total: int) -> None:
         elapsed = time.perf_counter() - start
-        eta = eta_seconds(elapsed_s=elapsed, done=done, total=total)
+        eta = estimate(elapsed_s=elapsed, done=done, total=total)
         text = (f"rendering {bar(done / total if total else 1.0)} {done}/{total} images, "
-                f"{elapsed:.0f}s elapsed, ETA {eta:.0f}s")
+                f"{elapsed:.0f}s elapsed, {eta_text(eta)}")
         if done >= total:
             line.done(text)
         else:

@@ -290,18 +290,19 @@ def request_from_args(args: argparse.Namespace) -> TrainRequest:
 def progress_printer(*, every_s: float = 2.0) -> Callable[[ProgressEvent], None]:
     """A progress callback: bar, epoch/step, loss, attack success and ETA on stderr (one redrawn line on a
     terminal; otherwise a line every `every_s` seconds and at the end of each epoch)."""
-    from models.commands.progress import ProgressLine, bar, eta_seconds
+    from models.commands.progress import Eta, ProgressLine, bar, eta_text
 
     line = ProgressLine(plain_every_s=every_s)
+    estimate = Eta()
 
     def report(event: ProgressEvent) -> None:
         done = event.epoch * event.steps_per_epoch + event.step
         total = event.epochs * event.steps_per_epoch
-        eta = eta_seconds(elapsed_s=event.elapsed_s, done=done, total=total)
+        eta = estimate(elapsed_s=event.elapsed_s, done=done, total=total)
         asr = "" if event.attack_success_rate is None else f" attack success {event.attack_success_rate:.2f}"
         text = (f"{bar(done / total if total else 1.0)} epoch {event.epoch + 1}/{event.epochs} "
                 f"step {event.step}/{event.steps_per_epoch} loss {event.loss:.4f}{asr} "
-                f"elapsed {event.elapsed_s:.0f}s ETA {eta:.0f}s")
+                f"elapsed {event.elapsed_s:.0f}s {eta_text(eta)}")
         if done >= total:
             line.done(text)
         else:
