@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     worker_max_tasks_per_child: int = Field(default=20, ge=1, description="Recycle prefork children.")
     training_lease_s: float = Field(default=60.0, ge=1, description="DB lease of a running training job; renewed "
                                     "every third of it, and an expired lease lets the reaper requeue the job.")
+    worker_alive_file: Path | None = Field(default=None, description="When set, a worker rewrites this file every "
+                                           "10 s, training or not; `python -m worker.liveness` exits 0 while it "
+                                           "is under 60 s old (the compose worker's health check).")
 
     # --- first run (`rxverify up`, `make run`): the synthetic demo dataset and baseline model --------
     demo_per_class: int = Field(default=200, ge=6, description="Synthetic photos of the largest class, all "

@@ -10,10 +10,11 @@ the job's last epoch checkpoint. Clocks of workers are assumed to agree to well 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import signal
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -148,9 +149,21 @@ def checkpoint_epoch(database: Database, job_id: int) -> tuple[int, dict[str, An
     return int(progress.get("checkpoint_epoch") or 0), progress
 
 
+HARD_LIMIT_EXIT_STATUS = 137  # what a shell reports for a SIGKILLed process, so tooling treats the two alike
+
+
 def kill_this_process() -> None:
-    """SIGKILL this worker process (its supervisor, `rxverify serve` or the container runtime, restarts it)."""
-    os.kill(os.getpid(), signal.SIGKILL)
+    """End this worker process at once, every thread of it, without cleanup (its supervisor, `rxverify serve`
+    or the container runtime, restarts it).
+
+    `os._exit`, not a SIGKILL to itself: a worker that is PID 1 in its container (no init process) cannot
+    signal itself, as the kernel drops signals PID 1 has no handler for, SIGKILL included, so the stuck
+    worker would stay up for ever.
+    """
+    for stream in (sys.stderr, sys.stdout):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(HARD_LIMIT_EXIT_STATUS)
 
 
 class Heartbeat:
@@ -161,7 +174,7 @@ class Heartbeat:
     `hard_deadline` (time.monotonic()) has stopped answering that cooperative stop, e.g. stuck in a C
     call, and its heartbeat would keep the lease alive forever while the worker takes no other job. The
     heartbeat then records the job as failed (if it still owns the lease) and calls `on_hard_limit`, by
-    default `kill_this_process` (SIGKILL: with the threads pool that also ends the process's other jobs,
+    default `kill_this_process` (`os._exit`: with the threads pool that also ends the process's other jobs,
     which are redelivered and resume from their checkpoints). The broker's redelivery of the killed
     job's unacknowledged message finds it finished and does nothing. A lost lease does not end the
     watch: a stuck attempt must still go. `disarm()` ends it once training has returned (scoring and

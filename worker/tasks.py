@@ -26,7 +26,7 @@ from celery.signals import worker_ready, worker_shutdown
 from app.config import Settings
 from app.db import Database
 from app.log import bind_request_id
-from worker import leases
+from worker import leases, liveness
 from worker.celery_app import celery_app
 
 logger = logging.getLogger(__name__)
@@ -169,6 +169,7 @@ run_job = celery_app.task(bind=True, base=JobTask, name=RUN_JOB)(run_training_jo
 
 
 _reaper: leases.Reaper | None = None
+_alive_file: liveness.AliveFile | None = None
 
 
 @worker_ready.connect
@@ -185,7 +186,22 @@ def _start_reaper(sender: Any = None, **_kwargs: Any) -> None:
     _reaper.start()
 
 
+@worker_ready.connect
+def _start_alive_file(sender: Any = None, **_kwargs: Any) -> None:
+    """With RXVERIFY_WORKER_ALIVE_FILE, keep that file fresh for the container's health check."""
+    global _alive_file
+    app = getattr(sender, "app", None) or celery_app
+    path = app.conf.rxverify_settings.worker_alive_file
+    if path is not None and _alive_file is None:
+        _alive_file = liveness.AliveFile(path)
+        _alive_file.start()
+
+
 @worker_shutdown.connect
 def _stop_reaper(**_kwargs: Any) -> None:
+    global _alive_file
     if _reaper is not None:
         _reaper.stop()
+    if _alive_file is not None:
+        _alive_file.stop()
+        _alive_file = None
