@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     worker_max_tasks_per_child: int = Field(default=20, ge=1, description="Recycle prefork children.")
     training_lease_s: float = Field(default=60.0, ge=1, description="DB lease of a running training job; renewed "
                                     "every third of it, and an expired lease lets the reaper requeue the job.")
+    training_max_worker_losses: int = Field(default=3, ge=1, description="A job whose worker dies (killed, out of "
+                                            "memory) this many times in a row without a new epoch checkpoint is "
+                                            "failed instead of requeued.")
     worker_alive_file: Path | None = Field(default=None, description="When set, a worker rewrites this file every "
                                            "10 s, training or not; `python -m worker.liveness` exits 0 while it "
                                            "is under 60 s old (the compose worker's health check).")

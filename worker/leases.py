@@ -32,6 +32,7 @@ from app.orm import TrainingJob, utcnow
 logger = logging.getLogger(__name__)
 
 ACTIVE = ("queued", "running")
+DEFAULT_MAX_WORKER_LOSSES = 3  # RXVERIFY_TRAINING_MAX_WORKER_LOSSES
 UNSENT_GRACE_S = 30.0  # a queued job without a task id this old lost its message (broker down at dispatch)
 
 
@@ -244,9 +245,23 @@ class Heartbeat:
         (self.on_hard_limit or kill_this_process)()
 
 
+def _count_worker_loss(progress: dict[str, Any]) -> int:
+    """Record one more lost worker in `progress`; return how many in a row the job lost without a new epoch
+    checkpoint between them (a job that kills its worker at the same place each time: out of memory...)."""
+    epoch = int(progress.get("checkpoint_epoch") or 0)
+    previous = int(progress.get("worker_losses") or 0) if progress.get("worker_losses_at_epoch") == epoch else 0
+    progress.update(worker_losses=previous + 1, worker_losses_at_epoch=epoch)
+    return previous + 1
+
+
 def requeue_orphans(database: Database, *, send: Callable[[int, str | None], Any],
-                    unsent_grace_s: float = UNSENT_GRACE_S) -> list[int]:
-    """Requeue running jobs whose lease expired and resend queued jobs whose message never left; returns ids."""
+                    unsent_grace_s: float = UNSENT_GRACE_S,
+                    max_worker_losses: int = DEFAULT_MAX_WORKER_LOSSES) -> list[int]:
+    """Requeue running jobs whose lease expired and resend queued jobs whose message never left; returns ids.
+
+    A job whose worker died `max_worker_losses` times in a row without a new epoch checkpoint is failed
+    instead: requeued again, it would most likely take the next worker down at the same place, for ever.
+    """
     now = utcnow()
     requeued: list[int] = []
     with database.session() as session:
@@ -259,13 +274,25 @@ def requeue_orphans(database: Database, *, send: Callable[[int, str | None], Any
         with database.session() as session:
             job = session.get(TrainingJob, job_id)
             progress = dict(job.progress or {}) if job is not None else {}
+            losses = _count_worker_loss(progress)
+            # Conditional: of several reapers, exactly one moves the job on (back to queued, or failed).
+            where = update(TrainingJob).where(TrainingJob.id == job_id, TrainingJob.status == "running",
+                                              TrainingJob.lease_expires_at < now)
+            if losses >= max_worker_losses:
+                progress["phase"] = "failed"
+                error = (f"the worker running this job died {losses} times in a row at the same point (no new "
+                         "epoch checkpoint between); it was not requeued again. Look in the worker's log and the "
+                         "system log for the cause (out of memory: a smaller batch_size)")
+                result = session.execute(where.values(status="failed", finished_at=now, error=error, lease_owner=None,
+                                                      lease_expires_at=None, progress=progress,
+                                                      result={"worker_losses": losses}))
+                if result.rowcount == 1:  # type: ignore[attr-defined]
+                    logger.error("training job %s: %s", job_id, error)
+                continue
             progress["phase"] = "requeued"
-            # Conditional: of several reapers, exactly one moves the job back to queued and sends it.
             task_id = str(uuid.uuid4())
-            result = session.execute(update(TrainingJob).where(
-                TrainingJob.id == job_id, TrainingJob.status == "running", TrainingJob.lease_expires_at < now)
-                .values(status="queued", lease_owner=None, lease_expires_at=None, progress=progress,
-                        celery_task_id=task_id))
+            result = session.execute(where.values(status="queued", lease_owner=None, lease_expires_at=None,
+                                                  progress=progress, celery_task_id=task_id))
             won = result.rowcount == 1  # type: ignore[attr-defined]
         if won:
             logger.warning("training job %s lost its worker (lease expired); requeued", job_id)
@@ -293,18 +320,26 @@ def _send(database: Database, send: Callable[[int, str | None], Any], job_id: in
         return True
     except Exception:
         logger.exception("training job %s could not be sent; the next reaper pass tries again", job_id)
-        with database.session() as session:
-            session.execute(update(TrainingJob).where(TrainingJob.id == job_id, TrainingJob.status == "queued",
-                                                      TrainingJob.celery_task_id == task_id)
-                            .values(celery_task_id=None))
+        forget_task_id(database, job_id, task_id)
         return False
+
+
+def forget_task_id(database: Database, job_id: int, task_id: str | None) -> None:
+    """A queued job's message did not reach the broker: drop its task id, so that it counts as never sent
+    and the reaper's next pass sends it (a queued job with a task id counts as sent)."""
+    with database.session() as session:
+        session.execute(update(TrainingJob).where(TrainingJob.id == job_id, TrainingJob.status == "queued",
+                                                  TrainingJob.celery_task_id == task_id)
+                        .values(celery_task_id=None))
 
 
 class Reaper:
     """Runs `requeue_orphans` at start and then every lease TTL, on a daemon thread of the worker."""
 
-    def __init__(self, database: Database, *, send: Callable[[int, str | None], Any], interval_s: float) -> None:
+    def __init__(self, database: Database, *, send: Callable[[int, str | None], Any], interval_s: float,
+                 max_worker_losses: int = DEFAULT_MAX_WORKER_LOSSES) -> None:
         self.database, self.send, self.interval_s = database, send, interval_s
+        self.max_worker_losses = max_worker_losses
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="training-reaper", daemon=True)
 
@@ -319,7 +354,7 @@ class Reaper:
     def _run(self) -> None:
         while True:
             try:
-                requeue_orphans(self.database, send=self.send)
+                requeue_orphans(self.database, send=self.send, max_worker_losses=self.max_worker_losses)
             except Exception:
                 logger.exception("the training-job reaper failed; retrying")
             if self._stop.wait(self.interval_s):

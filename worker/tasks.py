@@ -20,7 +20,7 @@ import traceback
 from typing import Any
 
 from celery import Task
-from celery.exceptions import Retry, SoftTimeLimitExceeded
+from celery.exceptions import Reject, Retry, SoftTimeLimitExceeded
 from celery.signals import worker_ready, worker_shutdown
 
 from app.config import Settings
@@ -141,7 +141,15 @@ class JobTask(Task):  # type: ignore[misc]
         leases.release(self.database, lease, progress={**progress, "phase": "requeued", "requeued_because":
                                                        "soft time limit"})
         logger.warning("training job %s reached the soft time limit; retrying from its checkpoint", job_id)
-        raise self.retry(countdown=1, max_retries=MAX_TIME_LIMIT_RETRIES)
+        try:
+            raise self.retry(countdown=1, max_retries=MAX_TIME_LIMIT_RETRIES)
+        except Reject:
+            # The broker refused the retry's message (Celery turns that into a Reject). The job is queued
+            # under this delivery's task id, which the reaper would take for sent: forget it, so that the
+            # reaper's next pass sends the job again.
+            logger.warning("training job %s: the broker refused its retry; the reaper will send it again", job_id)
+            leases.forget_task_id(self.database, job_id, self.request.id)
+            return {"job_id": job_id, "status": "queued", "resend": "by the reaper"}
 
     def _fail(self, lease: leases.Lease, error: BaseException) -> None:
         from worker.registration import discard_work_files
@@ -182,7 +190,8 @@ def _start_reaper(sender: Any = None, **_kwargs: Any) -> None:
     def send(job_id: int, task_id: str | None) -> None:
         app.send_task(RUN_JOB, args=[job_id], task_id=task_id)
 
-    _reaper = leases.Reaper(JobTask.process_database(settings), send=send, interval_s=max(settings.training_lease_s, 1.0))
+    _reaper = leases.Reaper(JobTask.process_database(settings), send=send, interval_s=max(settings.training_lease_s, 1.0),
+                            max_worker_losses=settings.training_max_worker_losses)
     _reaper.start()
 
 

@@ -273,6 +273,70 @@ def test_a_failed_resend_is_sent_again_by_the_next_reaper_pass(tmp_path: Path, a
         database.dispose()
 
 
+def test_a_job_that_keeps_killing_its_worker_fails_instead_of_looping(tmp_path: Path, assets_root: Path) -> None:
+    """Three lost workers in a row at the same checkpoint: failed, with the reason; one that moved on between
+    losses (a new epoch checkpoint) starts the count again."""
+    settings, _task, job_id = _task_and_job(tmp_path, assets_root, hyperparameters={"epochs": 1, "batch_size": 8})
+    database = Database(settings)
+    sent: list[tuple[int, str | None]] = []
+
+    def worker_dies(checkpoint_epoch: int) -> None:  # claimed, ran, then its worker was killed
+        row = job_row(settings, job_id)
+        with database.session() as session:
+            session.execute(update(TrainingJob).where(TrainingJob.id == job_id).values(
+                status="running", lease_owner="gone/1/x", lease_expires_at=utcnow() - timedelta(seconds=5),
+                progress={**row["progress"], "checkpoint_epoch": checkpoint_epoch}))
+
+    try:
+        for epoch, expected in ((0, [job_id]), (0, [job_id]), (1, [job_id]), (1, [job_id]), (1, [])):
+            worker_dies(epoch)
+            assert leases.requeue_orphans(database, send=lambda j, t: sent.append((j, t))) == expected
+        row = job_row(settings, job_id)
+        assert len(sent) == 4 and row["status"] == "failed" and row["finished_at"] is not None
+        assert "died 3 times in a row" in row["error"] and row["result"] == {"worker_losses": 3}
+        assert row["progress"]["phase"] == "failed" and row["lease_owner"] is None
+    finally:
+        database.dispose()
+
+
+def test_a_retry_the_broker_refuses_is_sent_again_by_the_reaper(
+        tmp_path: Path, assets_root: Path, task_settings: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At the soft limit the job goes back to queued and Celery sends a retry; if the broker refuses that
+    message, the job must not stay queued under a task id that the reaper takes for sent."""
+    from celery.exceptions import Reject
+
+    settings, task, job_id = _task_and_job(tmp_path, assets_root, hyperparameters={"epochs": 1, "batch_size": 8})
+    calls: list[int] = []
+
+    def one_epoch_then_soft_limit(**_kwargs: Any) -> Any:
+        calls.append(1)
+        database = Database(settings)
+        try:
+            with database.session() as session:
+                progress = dict(session.get(TrainingJob, job_id).progress or {})  # type: ignore[union-attr]
+                session.execute(update(TrainingJob).where(TrainingJob.id == job_id)
+                                .values(progress={**progress, "checkpoint_epoch": 1}))
+        finally:
+            database.dispose()
+        raise SoftTimeLimitExceeded()
+
+    def broker_refuses(*_args: Any, **_kwargs: Any) -> Any:
+        raise Reject(ConnectionError("broker unreachable"), requeue=False)
+
+    monkeypatch.setattr(training, "run", one_epoch_then_soft_limit)
+    monkeypatch.setattr(JobTask, "retry", broker_refuses)
+    result = task.apply(args=[job_id]).get()
+    row = job_row(settings, job_id)
+    assert result["status"] == "queued" and row["status"] == "queued" and row["celery_task_id"] is None, row
+    database = Database(settings)
+    try:
+        sent: list[tuple[int, str | None]] = []
+        assert leases.requeue_orphans(database, send=lambda j, t: sent.append((j, t)), unsent_grace_s=0) == [job_id]
+        assert sent and len(calls) == 1
+    finally:
+        database.dispose()
+
+
 def test_the_reaper_and_the_job_threads_share_one_database_per_process(
         tmp_path: Path, assets_root: Path, task_settings: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """On SQLite the write mutex is per Database: a reaper with its own would meet the jobs' heartbeats as
