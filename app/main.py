@@ -16,6 +16,7 @@ from app.log import configure_logging
 from app.middleware import BodySizeLimitMiddleware, ObservabilityMiddleware
 from app.problems import install_problem_handlers
 from app.services.model_follower import follower_lifespan
+from app.services.readiness import DatabaseProbe
 from app.services.serving import serving_lifespan
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="rxverify", version=_version(), description=API_DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
     app.state.db = database
+    app.state.db_probe = DatabaseProbe(  # /readyz's database check, bounded by RXVERIFY_READINESS_TIMEOUT_S
+        database.engine, pool_capacity=settings.db_pool_size + settings.db_max_overflow)
     # The inference engine sets this to a callable that says whether a model is loaded and warm.
     app.state.model_ready = _no_model
     install_problem_handlers(app)

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 
 from app.metrics import render_metrics
 from app.schemas.health import DependencyStatus, Liveness, Readiness
-from app.services.readiness import check_broker, check_database
+from app.services.readiness import check_broker
 
 router = APIRouter(tags=["health"])
 
@@ -33,8 +33,7 @@ def model_loaded(request: Request) -> bool:
 def readyz(request: Request) -> JSONResponse:
     """Readiness: database and broker reachable and a model loaded; 503 with the same body otherwise."""
     settings = request.app.state.settings
-    database = check_database(request.app.state.db.engine,
-                              pool_capacity=settings.db_pool_size + settings.db_max_overflow)
+    database = request.app.state.db_probe.check(timeout_s=settings.readiness_timeout_s)
     broker = check_broker(settings.broker_url, timeout_s=settings.readiness_timeout_s)
     loaded = model_loaded(request)
     body = Readiness(ready=database.ok and broker.ok and loaded,

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 from kombu import Connection
@@ -41,6 +44,46 @@ def check_database(engine: Engine, *, pool_capacity: int | None = None) -> Check
         logger.warning("database check failed", exc_info=exc)
         return CheckResult(False, _ms(started), _public_reason(exc))
     return CheckResult(True, _ms(started))
+
+
+class DatabaseProbe:
+    """`check_database` on a background thread, so that a probe waits at most `timeout_s` for it.
+
+    A database that accepts connections but never answers would otherwise hold each probe (and a threadpool
+    thread of the API) for the connect timeout, or without end on a pooled connection. A check still
+    running from an earlier probe is not started again: later probes wait for that one, so a hung server
+    ties up one thread, not one per probe. The thread is a daemon: a hung check never holds up shutdown.
+    """
+
+    def __init__(self, engine: Engine, *, pool_capacity: int | None) -> None:
+        self.engine, self.pool_capacity = engine, pool_capacity
+        self._lock = threading.Lock()
+        self._running: Future[CheckResult] | None = None
+
+    def check(self, *, timeout_s: float) -> CheckResult:
+        """The current check's result, or not ok once `timeout_s` has passed without one."""
+        started = time.perf_counter()
+        with self._lock:
+            if self._running is None or self._running.done():
+                self._running = self._start()
+            running = self._running
+        try:
+            return running.result(timeout=timeout_s)
+        except FutureTimeout:
+            logger.warning("database check: no answer within %g s", timeout_s)
+            return CheckResult(False, _ms(started), f"no answer from the database within {timeout_s:g} s")
+
+    def _start(self) -> Future[CheckResult]:
+        future: Future[CheckResult] = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(check_database(self.engine, pool_capacity=self.pool_capacity))
+            except BaseException as error:  # check_database catches errors itself; this is for the unforeseen
+                future.set_exception(error)
+
+        threading.Thread(target=run, name="readiness-db", daemon=True).start()
+        return future
 
 
 def check_broker(url: str, *, timeout_s: float) -> CheckResult:

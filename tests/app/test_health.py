@@ -75,6 +75,36 @@ def test_readyz_fails_at_once_while_every_pooled_connection_is_in_use(sqlite_set
     assert client.get("/readyz").status_code == 200  # given back: ready again
 
 
+def test_a_database_that_accepts_but_never_answers_fails_the_probe_within_its_timeout() -> None:
+    """Without the probe's own bound the check waits for the driver's connect timeout (10 s here), or
+    without end on a pooled connection; a second probe waits for the same check instead of starting one."""
+    import socket
+    import threading
+
+    from sqlalchemy import create_engine
+
+    from app.services.readiness import DatabaseProbe
+
+    server = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    threading.Thread(target=lambda: accepted.append(server.accept()[0]), daemon=True).start()
+    port = server.getsockname()[1]
+    engine = create_engine(f"postgresql+psycopg://rx@127.0.0.1:{port}/rx", connect_args={"connect_timeout": 10})
+    probe = DatabaseProbe(engine, pool_capacity=15)
+    try:
+        for _ in range(2):
+            started = time.perf_counter()
+            result = probe.check(timeout_s=0.5)
+            assert time.perf_counter() - started < 3
+            assert result.ok is False and result.error == "no answer from the database within 0.5 s"
+        assert [t.name for t in threading.enumerate()].count("readiness-db") == 1
+    finally:
+        server.close()
+        for connection in accepted:
+            connection.close()
+        engine.dispose()
+
+
 def test_metrics_count_requests_by_route(env: ApiEnv) -> None:
     env.client.get("/v1/products/00378-0208", headers=env.as_role("client"))
     text = env.client.get("/metrics").text
