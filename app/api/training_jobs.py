@@ -8,7 +8,7 @@ from fastapi import APIRouter, BackgroundTasks, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from app.api.deps import PharmacistActor, SessionDep, SettingsDep
-from app.orm import TrainingJob
+from app.orm import Role, TrainingJob
 from app.schemas.common import IdPath, problem_responses
 from app.schemas.training_jobs import (
     HyperparameterDefaults,
@@ -20,6 +20,7 @@ from app.schemas.training_jobs import (
 )
 from app.services import datasets as dataset_service
 from app.services import training_jobs as service
+from app.services.audit import Actor
 
 router = APIRouter(prefix="/v1/admin/training-jobs", tags=["training jobs"],
                    responses=problem_responses(401, 403, 404, 422))
@@ -36,16 +37,19 @@ def celery_of(request: Request) -> Any:
     return celery
 
 
-def job_read(job: TrainingJob, *, deduplicated: bool = False) -> TrainingJobRead:
-    """The API form of a job row."""
+def job_read(job: TrainingJob, actor: Actor, *, deduplicated: bool = False) -> TrainingJobRead:
+    """The API form of a job row; a failed job's traceback (file paths on the server) is for admins only."""
     progress = {k: v for k, v in (job.progress or {}).items() if k in TrainingProgress.model_fields}
+    result = dict(job.result or {})
+    if not actor.role.includes(Role.ADMIN):
+        result.pop("traceback", None)
     return TrainingJobRead(
         id=job.id, status=job.status, method=job.method, dataset=job.dataset_name,  # type: ignore[arg-type]
         dataset_id=job.dataset_id, include_feedback=job.include_feedback,
         feedback_through_id=job.feedback_through_id, base_model=job.base_model_version_id,
         cost_matrix_version=job.cost_matrix_version_id, hyperparameters=job.hyperparameters or {}, seed=job.seed,
         auto_promote=job.auto_promote, request_sha256=job.request_sha256, cancel_requested=job.cancel_requested,
-        attempts=job.attempts, progress=TrainingProgress(**progress), result=job.result or {}, error=job.error,
+        attempts=job.attempts, progress=TrainingProgress(**progress), result=result, error=job.error,
         result_model_version=job.result_model_version_id, created_by=job.created_by, created_at=job.created_at,
         started_at=job.started_at, finished_at=job.finished_at, updated_at=job.updated_at,
         deduplicated=deduplicated)
@@ -69,17 +73,17 @@ def create_job(body: TrainingJobCreate, actor: PharmacistActor, session: Session
         # Background tasks run after the response, i.e. after the request's transaction has committed.
         background.add_task(service.dispatch_job, celery=celery_of(request), database=request.app.state.db,
                             job_id=job.id)
-    read = job_read(job, deduplicated=not created)
+    read = job_read(job, actor, deduplicated=not created)
     return JSONResponse(read.model_dump(mode="json"), status_code=202 if created else 200,
                         headers={"Location": f"{router.prefix}/{job.id}"}, background=background)
 
 
 @router.get("", response_model=list[TrainingJobRead])
-def list_jobs(_actor: PharmacistActor, session: SessionDep, status: JobStatus | None = None,
+def list_jobs(actor: PharmacistActor, session: SessionDep, status: JobStatus | None = None,
               limit: Annotated[int, Query(ge=1, le=200)] = 50,
               before_id: Annotated[int | None, Query(ge=1)] = None) -> list[TrainingJobRead]:
     """Jobs, newest first; page with `before_id` (the smallest id of the previous page)."""
-    return [job_read(job) for job in service.list_jobs(session, status=status, limit=limit, before_id=before_id)]
+    return [job_read(job, actor) for job in service.list_jobs(session, status=status, limit=limit, before_id=before_id)]
 
 
 @router.get("/defaults", response_model=HyperparameterDefaults)
@@ -93,12 +97,12 @@ def hyperparameter_defaults(_actor: PharmacistActor, session: SessionDep, datase
 
 
 @router.get("/{job_id}", response_model=TrainingJobRead)
-def get_job(job_id: IdPath, _actor: PharmacistActor, session: SessionDep) -> TrainingJobRead:
+def get_job(job_id: IdPath, actor: PharmacistActor, session: SessionDep) -> TrainingJobRead:
     """One job: status, progress (epoch/step of total, loss, attack success rate, ETA, validation), result."""
-    return job_read(service.get_job(session, job_id))
+    return job_read(service.get_job(session, job_id), actor)
 
 
 @router.post("/{job_id}/cancel", response_model=TrainingJobRead, status_code=202, responses=problem_responses(409))
 def cancel_job(job_id: IdPath, actor: PharmacistActor, session: SessionDep) -> TrainingJobRead:
     """Cancel: a queued job at once; a running job stops at its next step (`cancel_requested` until then)."""
-    return job_read(service.request_cancel(session, job_id=job_id, actor=actor))
+    return job_read(service.request_cancel(session, job_id=job_id, actor=actor), actor)

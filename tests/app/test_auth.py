@@ -145,3 +145,21 @@ def test_admin_key_api_creates_lists_and_revokes(env: ApiEnv) -> None:
     assert bad_role.status_code == 422 and bad_role.json()["errors"][0]["field"] == "role"
     actions = [e["action"] for e in env.client.get("/v1/admin/audit-log", headers=admin).json()["items"]]
     assert actions[:2] == ["api_key.revoke", "api_key.create"]
+
+
+def test_server_paths_in_the_audit_log_are_for_admins_only(env: ApiEnv) -> None:
+    """Where an import came from on the server's disks is shown to admins; pharmacists get the rest."""
+    from app.db import Database
+    from app.services.audit import Actor, record_change
+
+    database = Database(env.settings)
+    try:
+        with database.session() as session:
+            record_change(session, actor=Actor.cli("tests"), action="dataset.import", entity_type="dataset",
+                          entity_id=7, details={"name": "pmi", "source": "/srv/pmi", "path": "/data/datasets/pmi"})
+    finally:
+        database.dispose()
+    entries = {role: env.client.get("/v1/admin/audit-log?action=dataset.import", headers=env.as_role(role)).json()
+               for role in ("pharmacist", "admin")}
+    assert entries["pharmacist"]["items"][0]["details"] == {"name": "pmi"}
+    assert entries["admin"]["items"][0]["details"]["source"] == "/srv/pmi"

@@ -173,3 +173,20 @@ def test_defaults_endpoint_and_the_large_dataset_recipe(jobs: JobEnv) -> None:
     assert (pmi["epochs"], pmi["batch_size"], pmi["lr"], pmi["steps"], pmi["step_size"], pmi["lam"], pmi["tau"]) == \
         (10, 32, 1e-7, 50, 1e-4, 2.0, 3.0)  # the paper's PMI run
     assert default_hyperparameters("penalty", train_images=LARGE_DATASET)["scheduler"] == "step"
+
+
+def test_a_failed_jobs_traceback_is_for_admins_only(jobs: JobEnv) -> None:
+    """Its frames name files on the server; pharmacists still read the error message."""
+    job_id = jobs.post({"dataset": "tiny", "hyperparameters": FAST}).json()["id"]
+    database = Database(jobs.settings)
+    try:
+        with database.session() as session:
+            session.execute(update(TrainingJob).where(TrainingJob.id == job_id).values(
+                status="failed", error="OSError: disk full",
+                result={"traceback": ['  File "/opt/rxverify/worker/training.py", line 1\n']}))
+    finally:
+        database.dispose()
+    for role, shown in (("pharmacist", False), ("admin", True)):
+        for read in (jobs.client.get(f"{URL}/{job_id}", headers=jobs.headers(role)).json(),
+                     jobs.client.get(URL, headers=jobs.headers(role)).json()[0]):
+            assert read["error"] == "OSError: disk full" and ("traceback" in read["result"]) is shown
