@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 from app.api.deps import PharmacistActor, SessionDep, SettingsDep
 from app.errors import DomainError, FieldError, InvalidInput
 from app.orm import CostMatrixVersion
-from app.schemas.common import MAX_ID, IdQuery, problem_responses
+from app.schemas.common import MAX_ID, NO_CONTROL_PATTERN, IdQuery, problem_responses
 from app.schemas.cost_matrices import (
     ActivateRequest,
     CostDifferenceRead,
@@ -96,7 +96,7 @@ _CSV_REQUEST_BODY = {"requestBody": {"required": True, "content": {"text/csv": {
              openapi_extra=_CSV_REQUEST_BODY)
 def import_csv(actor: PharmacistActor, session: SessionDep, settings: SettingsDep, response: Response,
                text: Annotated[str, Depends(csv_body)],
-               reason: Annotated[str, Query(min_length=1, max_length=2000)],
+               reason: Annotated[str, Query(min_length=1, max_length=2000, pattern=NO_CONTROL_PATTERN)],
                parent_version: IdQuery = None) -> CostMatrixRead:
     """Create a version holding exactly the CSV's costs (unlisted pairs cost 1); same parent rule as POST."""
     version = service.import_csv(session, parent_version=parent_version, reason=reason, text=text, actor=actor,

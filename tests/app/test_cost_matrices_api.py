@@ -74,6 +74,10 @@ def test_csv_import_replaces_the_whole_matrix(any_env: ApiEnv) -> None:
     same = client.post(f"{BASE}/import", params={"parent_version": 1, "reason": "same"}, content=exported,
                        headers=csv_headers)
     assert same.status_code == 422 and same.json()["type"].endswith("/no-change")
+    for bad_reason in ("\x00", "near miss\x1b[2J"):  # free text anywhere else refuses these too
+        refused = client.post(f"{BASE}/import", params={"parent_version": 1, "reason": bad_reason}, content=exported,
+                              headers=csv_headers)
+        assert refused.status_code == 422 and refused.json()["errors"][0]["field"] == "query.reason", refused.text
     edited = "\ufefftrue_ndc,predicted_ndc,cost\n" + f"{FURO},{GLIP},3\n{GLIP},{FURO},2.5\n"
     imported = client.post(f"{BASE}/import", params={"parent_version": 1, "reason": "from excel"},
                            content=edited.encode(), headers=csv_headers)
