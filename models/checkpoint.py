@@ -232,9 +232,16 @@ def _retired_copies(directory: Path) -> list[Path]:
     """Checkpoints an overwrite moved aside, newest first (left behind only by a process killed mid-swap)."""
     if not directory.parent.is_dir():
         return []
+
+    def age_key(path: Path) -> float:
+        try:
+            return path.stat().st_mtime
+        except FileNotFoundError:  # another process removed it meanwhile
+            return -math.inf
+
     found = [old / "checkpoint" for old in directory.parent.glob(f".{glob.escape(directory.name)}.old-*")
              if (old / "checkpoint" / WEIGHTS_FILE).is_file()]
-    return sorted(found, key=lambda path: path.stat().st_mtime, reverse=True)
+    return sorted(found, key=age_key, reverse=True)
 
 
 def _missing(directory: str | Path, name: str) -> CheckpointError:
@@ -247,17 +254,21 @@ def _missing(directory: str | Path, name: str) -> CheckpointError:
 
 def _restore_interrupted_overwrite(directory: Path) -> None:
     """Put back the checkpoint an overwrite had moved aside when its process died before the new one
-    moved in (the one window in which `directory` holds nothing), and drop older leftovers."""
+    moved in (the one window in which `directory` holds nothing), and drop older leftovers once a
+    checkpoint is in place. Two processes writing one path at once are not supported."""
     retired = _retired_copies(directory)
     if not retired:
         return
+    if directory.is_dir() and not any(directory.iterdir()):
+        directory.rmdir()  # an empty folder where the checkpoint was: the copy aside is the real one
     if not directory.exists():
         os.replace(retired[0], directory)
         _fsync_dir(directory.parent)
         shutil.rmtree(retired[0].parent, ignore_errors=True)
         retired = retired[1:]
-    for path in retired:
-        shutil.rmtree(path.parent, ignore_errors=True)
+    if (directory / WEIGHTS_FILE).is_file():  # never delete the copies while nothing better is in place
+        for path in retired:
+            shutil.rmtree(path.parent, ignore_errors=True)
 
 
 def _publish(directory: Path, files: Mapping[str, bytes], *, overwrite: bool) -> None:

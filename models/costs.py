@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,11 +29,6 @@ class CostMatrixError(ValueError):
         self.true = true
         self.predicted = predicted
         self.row = row
-
-
-def _field_name(name: str) -> str:
-    """A header field without spaces or a byte-order mark (a stream opened as plain UTF-8 keeps it)."""
-    return name.strip().lstrip("\ufeff").strip()
 
 
 def check_cost(true: str, predicted: str, cost: float | str, *, max_cost: float = math.inf,
@@ -120,7 +116,12 @@ class CostMatrix:
         if isinstance(source, str | Path):
             with open(source, newline="", encoding="utf-8-sig") as handle:  # Excel's CSVs start with a BOM
                 return cls.read_csv(handle, classes, default=default, max_cost=max_cost)
-        reader = csv.DictReader(source, restkey=_EXTRA_FIELDS)
+        lines = iter(source)
+        first = next(lines, None)
+        # A byte-order mark (Excel and PowerShell write one) must go before the csv module reads the header:
+        # left in, it hides a quoted first field's quotes (`\ufeff"true"` reads as `"true"` with the quotes).
+        rows = lines if first is None else itertools.chain([first.lstrip("\ufeff")], lines)
+        reader = csv.DictReader(rows, restkey=_EXTRA_FIELDS)
         try:
             return cls._read_rows(reader, classes, default=default, max_cost=max_cost)
         except csv.Error as exc:  # e.g. a field over the csv module's size limit, or a NUL byte
@@ -130,7 +131,7 @@ class CostMatrix:
     @classmethod
     def _read_rows(cls, reader: csv.DictReader[str], classes: Sequence[str], *, default: float,
                    max_cost: float) -> CostMatrix:
-        fields = [_field_name(name) for name in (reader.fieldnames or [])]
+        fields = [name.strip() for name in (reader.fieldnames or [])]
         true_col = next((c for c in _TRUE_COLUMNS if c in fields), None)
         pred_col = next((c for c in _PREDICTED_COLUMNS if c in fields), None)
         if true_col is None or pred_col is None or "cost" not in fields:
@@ -144,7 +145,7 @@ class CostMatrix:
             if _EXTRA_FIELDS in raw:
                 raise CostMatrixError(f"{len(fields) + len(raw[_EXTRA_FIELDS])} fields where the header has "
                                       f"{len(fields)}", row=row_number)
-            row = {_field_name(key or ""): (value or "").strip() for key, value in raw.items()}
+            row = {(key or "").strip(): (value or "").strip() for key, value in raw.items()}
             true, predicted = row.get(true_col, ""), row.get(pred_col, "")
             for name in (true, predicted):
                 if name not in index:

@@ -245,6 +245,10 @@ class Heartbeat:
         (self.on_hard_limit or kill_this_process)()
 
 
+# Progress keys a new attempt carries over from the stored progress (see worker.training.run).
+OUTLIVES_AN_ATTEMPT = ("checkpoint_epoch", "worker_losses", "worker_losses_at_epoch")
+
+
 def _count_worker_loss(progress: dict[str, Any]) -> int:
     """Record one more lost worker in `progress`; return how many in a row the job lost without a new epoch
     checkpoint between them (a job that kills its worker at the same place each time: out of memory...)."""

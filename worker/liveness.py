@@ -3,7 +3,8 @@
 `celery inspect ping` cannot tell a training worker from a dead one: a solo-pool worker (every GPU worker)
 runs its task on the thread that answers remote-control commands, so it stays silent for the whole job
 and an orchestrator acting on that would kill it mid-training. Instead a daemon thread of the worker
-process rewrites a file every few seconds; `rxverify worker-alive` says whether it is recent. The thread
+process rewrites a file every few seconds; `python -m worker.liveness` says whether it is recent. Each
+worker needs its own file (each compose container has its own /tmp). The thread
 keeps running while a job trains, and stops when the process dies or is stuck holding the interpreter
 (the case a restart helps; a job stuck in a C call that lets go of it is the lease heartbeat's hard
 limit's to end).

@@ -148,7 +148,13 @@ class JobTask(Task):  # type: ignore[misc]
             # under this delivery's task id, which the reaper would take for sent: forget it, so that the
             # reaper's next pass sends the job again.
             logger.warning("training job %s: the broker refused its retry; the reaper will send it again", job_id)
-            leases.forget_task_id(self.database, job_id, self.request.id)
+            try:
+                leases.forget_task_id(self.database, job_id, self.request.id)
+            except Exception:  # not _fail: the lease is released, and the job is fine, only unsent
+                logger.exception("training job %s stays queued under task id %s, which never reached the broker, "
+                                 "and the database refused to record that; the reaper will not resend it: "
+                                 "cancel it and submit it again", job_id, self.request.id)
+                return {"job_id": job_id, "status": "queued", "resend": "by hand"}
             return {"job_id": job_id, "status": "queued", "resend": "by the reaper"}
 
     def _fail(self, lease: leases.Lease, error: BaseException) -> None:
@@ -202,8 +208,14 @@ def _start_alive_file(sender: Any = None, **_kwargs: Any) -> None:
     app = getattr(sender, "app", None) or celery_app
     path = app.conf.rxverify_settings.worker_alive_file
     if path is not None and _alive_file is None:
-        _alive_file = liveness.AliveFile(path)
-        _alive_file.start()
+        alive = liveness.AliveFile(path)
+        try:
+            alive.start()
+        except OSError:  # the worker still works; its health check will say why it looks dead
+            logger.exception("cannot write the worker's liveness file %s (RXVERIFY_WORKER_ALIVE_FILE); the "
+                             "health check will report this worker as not alive", path)
+            return
+        _alive_file = alive
 
 
 @worker_shutdown.connect

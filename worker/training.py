@@ -352,6 +352,13 @@ def run(*, database: Database, settings: Settings, spec: JobSpec, lease: Lease, 
     hooks = Hooks(database=database, lease=lease, heartbeat=heartbeat, workdir=workdir, deadline=deadline,
                   validator=EpochValidator(spec, data_root=data_root, settings=settings, cost_csv=workdir.costs),
                   start_epoch=start_epoch)
+    # The stored progress is replaced by this attempt's: keep what must outlive an attempt, the epoch
+    # checkpoint it resumes from and the reaper's count of lost workers (else a job that kills its worker
+    # mid-epoch would count its first loss every time, and be requeued for ever).
+    _, stored = leases.checkpoint_epoch(database, spec.job_id)
+    hooks.progress.update({key: stored[key] for key in leases.OUTLIVES_AN_ATTEMPT if key in stored})
+    if resume is None:
+        hooks.progress.pop("checkpoint_epoch", None)
     hooks.progress.update(phase="preparing", resumed_from_epoch=start_epoch if resume is not None else None,
                           validation=None)
     hooks.write()

@@ -26,17 +26,9 @@ class CheckResult:
     error: str | None = None
 
 
-def check_database(engine: Engine, *, pool_capacity: int | None = None) -> CheckResult:
-    """Run `SELECT 1` on a pooled connection.
-
-    With `pool_capacity` (pool size plus overflow), a pool whose connections are all checked out fails
-    the check at once: the probe would otherwise wait out the pool's timeout (30 s) behind the requests
-    that hold them, and a replica in that state cannot take more work anyway.
-    """
+def check_database(engine: Engine) -> CheckResult:
+    """Run `SELECT 1` on a pooled connection."""
     started = time.perf_counter()
-    pool = engine.pool
-    if pool_capacity is not None and isinstance(pool, QueuePool) and pool.checkedout() >= pool_capacity:
-        return CheckResult(False, _ms(started), f"all {pool_capacity} pooled database connections are in use")
     try:
         with engine.connect() as connection:
             connection.execute(text("SELECT 1"))
@@ -50,35 +42,58 @@ class DatabaseProbe:
     """`check_database` on a background thread, so that a probe waits at most `timeout_s` for it.
 
     A database that accepts connections but never answers would otherwise hold each probe (and a threadpool
-    thread of the API) for the connect timeout, or without end on a pooled connection. A check still
-    running from an earlier probe is not started again: later probes wait for that one, so a hung server
-    ties up one thread, not one per probe. The thread is a daemon: a hung check never holds up shutdown.
+    thread of the API) for the connect timeout, or without end on a pooled connection; so would a pool
+    whose connections are all checked out, for the pool's timeout (30 s). A busy pool fails the probe
+    only if no connection comes free within `timeout_s`, so a momentary spike does not take a replica
+    out of its load balancer. A check still running from an earlier probe is not started again: later
+    probes wait for that one, so a hung server ties up one thread, not one per probe. A check older than
+    `abandon_after_s` is given up and a new one started (at most `max_abandoned` of them may still hang),
+    so that one stuck on a dead connection does not keep the replica unready after the database is back.
+    The threads are daemons: a hung check never holds up shutdown.
     """
 
-    def __init__(self, engine: Engine, *, pool_capacity: int | None) -> None:
+    def __init__(self, engine: Engine, *, pool_capacity: int | None, abandon_after_s: float = 30.0,
+                 max_abandoned: int = 3) -> None:
         self.engine, self.pool_capacity = engine, pool_capacity
+        self.abandon_after_s, self.max_abandoned = abandon_after_s, max_abandoned
         self._lock = threading.Lock()
         self._running: Future[CheckResult] | None = None
+        self._running_since = 0.0
+        self._abandoned: list[Future[CheckResult]] = []
 
     def check(self, *, timeout_s: float) -> CheckResult:
         """The current check's result, or not ok once `timeout_s` has passed without one."""
         started = time.perf_counter()
         with self._lock:
-            if self._running is None or self._running.done():
-                self._running = self._start()
+            self._abandoned = [future for future in self._abandoned if not future.done()]
+            stale = (self._running is not None and not self._running.done()
+                     and started - self._running_since > self.abandon_after_s
+                     and len(self._abandoned) < self.max_abandoned)
+            if stale:
+                assert self._running is not None
+                logger.warning("database check: one has hung for over %g s; starting another", self.abandon_after_s)
+                self._abandoned.append(self._running)
+            if self._running is None or self._running.done() or stale:
+                self._running, self._running_since = self._start(), started
             running = self._running
         try:
             return running.result(timeout=timeout_s)
         except FutureTimeout:
-            logger.warning("database check: no answer within %g s", timeout_s)
-            return CheckResult(False, _ms(started), f"no answer from the database within {timeout_s:g} s")
+            pool = self.engine.pool
+            if (self.pool_capacity is not None and isinstance(pool, QueuePool)
+                    and pool.checkedout() >= self.pool_capacity):
+                reason = f"all {self.pool_capacity} pooled database connections stayed in use for {timeout_s:g} s"
+            else:
+                reason = f"no answer from the database within {timeout_s:g} s"
+            logger.warning("database check: %s", reason)
+            return CheckResult(False, _ms(started), reason)
 
     def _start(self) -> Future[CheckResult]:
         future: Future[CheckResult] = Future()
 
         def run() -> None:
             try:
-                future.set_result(check_database(self.engine, pool_capacity=self.pool_capacity))
+                future.set_result(check_database(self.engine))
             except BaseException as error:  # check_database catches errors itself; this is for the unforeseen
                 future.set_exception(error)
 

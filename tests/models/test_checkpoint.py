@@ -152,6 +152,23 @@ def test_an_overwrite_killed_between_its_two_renames_is_recovered(tmp_path: Path
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
 
 
+def test_recovery_never_deletes_the_copy_aside_while_nothing_better_is_in_place(tmp_path: Path) -> None:
+    first = save_checkpoint(tmp_path / "ckpt", model=trained_model(), metadata=make_metadata())
+    (tmp_path / ".ckpt.old-x1").mkdir()
+    os.replace(tmp_path / "ckpt", tmp_path / ".ckpt.old-x1" / "checkpoint")
+    (tmp_path / "ckpt").mkdir()  # an empty folder where the checkpoint was
+    with pytest.raises(CheckpointError, match="already holds files"):
+        save_checkpoint(tmp_path / "ckpt", model=create_model("tiny_cnn", 3), metadata=make_metadata())
+    assert weights_sha256(tmp_path / "ckpt") == first and sorted(os.listdir(tmp_path)) == ["ckpt"]
+    (tmp_path / ".ckpt.old-x2").mkdir()
+    os.replace(tmp_path / "ckpt", tmp_path / ".ckpt.old-x2" / "checkpoint")
+    (tmp_path / "ckpt").write_text("not a checkpoint")  # a file in the way: refused, and the copy kept
+    with pytest.raises(CheckpointError, match="not a directory"):
+        save_checkpoint(tmp_path / "ckpt", model=create_model("tiny_cnn", 3), metadata=make_metadata(),
+                        overwrite=True)
+    assert weights_sha256(tmp_path / ".ckpt.old-x2" / "checkpoint") == first
+
+
 def test_existing_directory_is_not_clobbered(tmp_path: Path) -> None:
     save_checkpoint(tmp_path / "ckpt", model=trained_model(), metadata=make_metadata())
     with pytest.raises(CheckpointError, match="already holds files"):

@@ -48,6 +48,8 @@ def test_a_csv_saved_by_excel_reads_despite_its_byte_order_mark(tmp_path: Path) 
     path.write_bytes(b"\xef\xbb\xbf" + matrix.to_csv().replace("\n", "\r\n").encode())
     assert CostMatrix.read_csv(path, CLASSES) == matrix
     assert CostMatrix.read_csv(io.StringIO("\ufeff" + matrix.to_csv()), CLASSES) == matrix
+    quoted = '\ufeff"true","predicted","cost"\r\n"a","b","10"\r\n'  # PowerShell's Export-Csv quotes every field
+    assert CostMatrix.read_csv(io.StringIO(quoted), CLASSES) == matrix
 
 
 @pytest.mark.parametrize(

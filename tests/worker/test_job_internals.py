@@ -299,6 +299,40 @@ def test_a_job_that_keeps_killing_its_worker_fails_instead_of_looping(tmp_path: 
         database.dispose()
 
 
+class _WorkerKilled(BaseException):
+    """Stands in for SIGKILL / the OOM killer: nothing of the attempt's own clean-up runs."""
+
+
+def test_attempts_that_die_mid_epoch_are_counted_across_attempts(
+        tmp_path: Path, assets_root: Path, task_settings: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real attempts: each claims the job, writes its own progress, and dies inside training; the lease then
+    expires. The count must survive each attempt's progress write, or the job is requeued for ever."""
+    import models.commands.train as train_module
+
+    settings, task, job_id = _task_and_job(tmp_path, assets_root, hyperparameters={"epochs": 1, "batch_size": 8})
+
+    def killed(*_args: Any, **_kwargs: Any) -> Any:
+        raise _WorkerKilled()
+
+    monkeypatch.setattr(train_module, "run_training", killed)
+    database = Database(settings)
+    requeued: list[list[int]] = []
+    try:
+        for _ in range(3):
+            with pytest.raises(_WorkerKilled):
+                task.apply(args=[job_id], throw=True).get()
+            assert job_row(settings, job_id)["status"] == "running"  # the dead worker's lease, until it expires
+            with database.session() as session:
+                session.execute(update(TrainingJob).where(TrainingJob.id == job_id)
+                                .values(lease_expires_at=utcnow() - timedelta(seconds=5)))
+            requeued.append(leases.requeue_orphans(database, send=lambda _j, _t: None))
+    finally:
+        database.dispose()
+    row = job_row(settings, job_id)
+    assert requeued == [[job_id], [job_id], []] and row["status"] == "failed", (requeued, row["progress"])
+    assert row["attempts"] == 3 and "died 3 times in a row" in row["error"]
+
+
 def test_a_retry_the_broker_refuses_is_sent_again_by_the_reaper(
         tmp_path: Path, assets_root: Path, task_settings: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """At the soft limit the job goes back to queued and Celery sends a retry; if the broker refuses that
