@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
-from app.api.deps import AdminActor, SessionDep
+from app.api.deps import AdminActor, KeyFirstRoute, SessionDep
 from app.orm import ApiKey
 from app.schemas.api_keys import ApiKeyCreate, ApiKeyCreated, ApiKeyRead, ApiKeyRevoke
 from app.schemas.common import IdPath, problem_responses
 from app.services import api_keys as service
 
-router = APIRouter(prefix="/v1/admin/api-keys", tags=["api keys"], responses=problem_responses(401, 403, 422))
+router = APIRouter(route_class=KeyFirstRoute, prefix="/v1/admin/api-keys", tags=["api keys"], responses=problem_responses(401, 403, 422))
 
 
 @router.get("", response_model=list[ApiKeyRead])

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from app.api.deps import PharmacistActor, SessionDep
+from app.api.deps import KeyFirstRoute, PharmacistActor, SessionDep
 from app.orm import Role
 from app.schemas.audit import AuditEntryRead, AuditPage
 from app.schemas.common import NO_CONTROL_PATTERN, IdQuery, problem_responses
@@ -18,7 +18,7 @@ FilterText = Annotated[str | None, Query(max_length=64, pattern=NO_CONTROL_PATTE
 # Detail keys that hold paths on the server (model and dataset imports): for admins only.
 SERVER_PATH_DETAILS = frozenset({"source", "path"})
 
-router = APIRouter(tags=["audit"], responses=problem_responses(401, 403, 422))
+router = APIRouter(route_class=KeyFirstRoute, tags=["audit"], responses=problem_responses(401, 403, 422))
 
 
 @router.get("/v1/admin/audit-log", response_model=AuditPage)

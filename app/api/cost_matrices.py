@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request, Response
 from sqlalchemy.orm import Session
 
-from app.api.deps import PharmacistActor, SessionDep, SettingsDep
+from app.api.deps import KeyFirstRoute, PharmacistActor, SessionDep, SettingsDep
 from app.errors import DomainError, FieldError, InvalidInput
 from app.orm import CostMatrixVersion
 from app.schemas.common import MAX_ID, NO_CONTROL_PATTERN, IdQuery, problem_responses
@@ -22,7 +22,7 @@ from app.schemas.cost_matrices import (
 )
 from app.services import cost_matrices as service
 
-router = APIRouter(prefix="/v1/admin/cost-matrices", tags=["cost matrices"],
+router = APIRouter(route_class=KeyFirstRoute, prefix="/v1/admin/cost-matrices", tags=["cost matrices"],
                    responses=problem_responses(401, 403, 404, 422))
 VersionPath = Annotated[str, "a version number or `active`"]
 CSV_MEDIA_TYPES = ("text/csv", "text/plain", "application/csv", "application/octet-stream")

@@ -8,7 +8,7 @@ from fastapi import APIRouter, BackgroundTasks, Query, Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.api.deps import AdminActor, PharmacistActor, SessionDep, SettingsDep
+from app.api.deps import AdminActor, KeyFirstRoute, PharmacistActor, SessionDep, SettingsDep
 from app.config import Settings
 from app.errors import NotFound
 from app.orm import Dataset, ModelPromotion, ModelVersion, Role, TrainingJob
@@ -27,7 +27,7 @@ from app.services import evaluation, model_registry, promotion
 from app.services.model_follower import follower_of
 from app.services.model_registry import active_model_version, checkpoint_path
 
-router = APIRouter(prefix="/v1/admin/models", tags=["models"], responses=problem_responses(401, 403, 404, 422))
+router = APIRouter(route_class=KeyFirstRoute, prefix="/v1/admin/models", tags=["models"], responses=problem_responses(401, 403, 404, 422))
 
 
 def _jobs_by_version(session: Session, ids: list[int]) -> dict[int, int]:

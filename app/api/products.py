@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
-from app.api.deps import ClientActor, PharmacistActor, SessionDep
+from app.api.deps import ClientActor, KeyFirstRoute, PharmacistActor, SessionDep
 from app.schemas.common import problem_responses
 from app.schemas.products import ProductCreate, ProductRead, ProductUpdate
 from app.services import products as service
 
-router = APIRouter(tags=["catalog"], responses=problem_responses(401, 403, 422))
+router = APIRouter(route_class=KeyFirstRoute, tags=["catalog"], responses=problem_responses(401, 403, 422))
 
 
 @router.get("/v1/products", response_model=list[ProductRead])

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, BackgroundTasks, Query, Request, Response
 from fastapi.responses import JSONResponse
 
-from app.api.deps import PharmacistActor, SessionDep, SettingsDep
+from app.api.deps import KeyFirstRoute, PharmacistActor, SessionDep, SettingsDep
 from app.orm import Role, TrainingJob
 from app.schemas.common import IdPath, problem_responses
 from app.schemas.training_jobs import (
@@ -22,7 +22,7 @@ from app.services import datasets as dataset_service
 from app.services import training_jobs as service
 from app.services.audit import Actor
 
-router = APIRouter(prefix="/v1/admin/training-jobs", tags=["training jobs"],
+router = APIRouter(route_class=KeyFirstRoute, prefix="/v1/admin/training-jobs", tags=["training jobs"],
                    responses=problem_responses(401, 403, 404, 422))
 
 

@@ -17,7 +17,7 @@ from prometheus_client import Counter, Histogram
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import ClientActor, PharmacistActor, SessionDep, SettingsDep
+from app.api.deps import ClientActor, KeyFirstRoute, PharmacistActor, SessionDep, SettingsDep
 from app.api.verification_form import read_verification_form
 from app.errors import DomainError, FieldError, InvalidInput
 from app.inference.engine import ModelUnavailable
@@ -38,7 +38,7 @@ from app.services import verification_log as log
 from app.services import verifications as service
 from models.decision import CONFORMAL_GUARANTEE
 
-router = APIRouter(prefix="/v1/verifications", tags=["verifications"])
+router = APIRouter(route_class=KeyFirstRoute, prefix="/v1/verifications", tags=["verifications"])
 T = TypeVar("T")
 
 VERIFICATION_SECONDS = Histogram(

@@ -163,3 +163,30 @@ def test_server_paths_in_the_audit_log_are_for_admins_only(env: ApiEnv) -> None:
                for role in ("pharmacist", "admin")}
     assert entries["pharmacist"]["items"][0]["details"] == {"name": "pmi"}
     assert entries["admin"]["items"][0]["details"]["source"] == "/srv/pmi"
+
+
+@pytest.mark.parametrize(("headers", "status", "slug"), [
+    ({}, 401, "missing-api-key"),
+    ({"X-API-Key": "rxv_nope_nope"}, 401, "invalid-api-key"),
+    ("client", 403, "forbidden"),  # a key of too low a role is refused before the body, too
+    ("pharmacist", 400, "malformed-json"),
+])
+def test_the_key_is_checked_before_the_body_is_read(env: ApiEnv, headers: Any, status: int, slug: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """FastAPI parses a JSON body before any dependency runs: without KeyFirstRoute a request with no key and
+    a malformed body got 400, after the whole body (up to 12 MB) was parsed for nobody."""
+    from starlette.requests import Request
+
+    reads: list[int] = []
+    real_body = Request.body
+
+    async def counted_body(self: Request) -> bytes:
+        reads.append(1)
+        return await real_body(self)
+
+    monkeypatch.setattr(Request, "body", counted_body)
+    sent = env.as_role(headers) if isinstance(headers, str) else headers
+    response = env.client.post("/v1/admin/cost-matrices", content=b'{"parent_version": 1, "changes": [',
+                               headers={**sent, "Content-Type": "application/json"})
+    assert response.status_code == status and response.json()["type"].endswith(slug), response.text
+    assert bool(reads) is (status == 400)  # the body is read only for a key that may use the route
