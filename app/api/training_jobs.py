@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, BackgroundTasks, Query, Request, Response
@@ -37,19 +38,31 @@ def celery_of(request: Request) -> Any:
     return celery
 
 
+# An absolute path of two or more parts, as exception texts quote them ('/data/datasets/pmi/train/x.jpg').
+_SERVER_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s'\"/:,;()\[\]]+/)+[^\s'\"/:,;()\[\]]*")
+
+
+def redact_server_paths(text: str) -> str:
+    """`text` with absolute file paths replaced by `<server path>` (for roles below admin)."""
+    return _SERVER_PATH.sub("<server path>", text)
+
+
 def job_read(job: TrainingJob, actor: Actor, *, deduplicated: bool = False) -> TrainingJobRead:
-    """The API form of a job row; a failed job's traceback (file paths on the server) is for admins only."""
+    """The API form of a job row; file paths on the server (a failed job's traceback, paths quoted in its
+    error) are for admins only."""
     progress = {k: v for k, v in (job.progress or {}).items() if k in TrainingProgress.model_fields}
     result = dict(job.result or {})
+    error = job.error
     if not actor.role.includes(Role.ADMIN):
         result.pop("traceback", None)
+        error = redact_server_paths(error) if error else error
     return TrainingJobRead(
         id=job.id, status=job.status, method=job.method, dataset=job.dataset_name,  # type: ignore[arg-type]
         dataset_id=job.dataset_id, include_feedback=job.include_feedback,
         feedback_through_id=job.feedback_through_id, base_model=job.base_model_version_id,
         cost_matrix_version=job.cost_matrix_version_id, hyperparameters=job.hyperparameters or {}, seed=job.seed,
         auto_promote=job.auto_promote, request_sha256=job.request_sha256, cancel_requested=job.cancel_requested,
-        attempts=job.attempts, progress=TrainingProgress(**progress), result=result, error=job.error,
+        attempts=job.attempts, progress=TrainingProgress(**progress), result=result, error=error,
         result_model_version=job.result_model_version_id, created_by=job.created_by, created_at=job.created_at,
         started_at=job.started_at, finished_at=job.finished_at, updated_at=job.updated_at,
         deduplicated=deduplicated)

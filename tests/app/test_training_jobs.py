@@ -182,11 +182,23 @@ def test_a_failed_jobs_traceback_is_for_admins_only(jobs: JobEnv) -> None:
     try:
         with database.session() as session:
             session.execute(update(TrainingJob).where(TrainingJob.id == job_id).values(
-                status="failed", error="OSError: disk full",
+                status="failed", error="FileNotFoundError: [Errno 2] No such file or directory: '/data/ds/x.jpg'",
                 result={"traceback": ['  File "/opt/rxverify/worker/training.py", line 1\n']}))
     finally:
         database.dispose()
     for role, shown in (("pharmacist", False), ("admin", True)):
         for read in (jobs.client.get(f"{URL}/{job_id}", headers=jobs.headers(role)).json(),
                      jobs.client.get(URL, headers=jobs.headers(role)).json()[0]):
-            assert read["error"] == "OSError: disk full" and ("traceback" in read["result"]) is shown
+            path = "/data/ds/x.jpg" if shown else "<server path>"
+            assert read["error"] == f"FileNotFoundError: [Errno 2] No such file or directory: '{path}'"
+            assert ("traceback" in read["result"]) is shown
+
+
+def test_redacting_server_paths_keeps_the_rest_of_the_message() -> None:
+    from app.api.training_jobs import redact_server_paths
+
+    assert redact_server_paths("CheckpointError: /data/checkpoints/ab is not a checkpoint") == (
+        "CheckpointError: <server path> is not a checkpoint")
+    for kept in ("the soft time limit was reached 3 times", "lr 1/2, shape (3, 64) vs 1/8",
+                 "see https://example.org/a/b"):
+        assert redact_server_paths(kept) == kept
