@@ -71,16 +71,22 @@ def test_streamed_body_over_the_limit_is_413(sqlite_settings: Settings, make_cli
     assert count_rows(settings, CostMatrixVersion) == 0
 
 
-def test_unhandled_error_is_a_500_problem_without_internals(sqlite_settings: Settings, make_client: Any) -> None:
-    app = create_app(sqlite_settings)
+def _client_with_a_route_that_raises(settings: Settings, make_client: Any, path: str, error: Exception) -> Any:
+    """A client of the real app plus one GET `path` whose handler raises `error`."""
+    app = create_app(settings)
     router = APIRouter()
 
-    @router.get("/boom")
-    def boom() -> None:
-        raise RuntimeError("secret internal detail")
+    @router.get(path)
+    def raises() -> None:
+        raise error
 
     app.include_router(router)
-    client = make_client(sqlite_settings, app=app, raise_server_exceptions=False)
+    return make_client(settings, app=app, raise_server_exceptions=False)
+
+
+def test_unhandled_error_is_a_500_problem_without_internals(sqlite_settings: Settings, make_client: Any) -> None:
+    client = _client_with_a_route_that_raises(sqlite_settings, make_client, "/boom",
+                                              RuntimeError("secret internal detail"))
     response = client.get("/boom", headers={"X-Request-ID": "trace-me-123"})
     body = _problem(response, 500, "internal-error")
     assert "secret" not in response.text and body["request_id"] == "trace-me-123"
@@ -109,15 +115,8 @@ def test_problem_details_name_the_fields(env: ApiEnv) -> None:
 def test_an_exhausted_connection_pool_is_503(sqlite_settings: Settings, make_client: Any) -> None:
     from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-    app = create_app(sqlite_settings)
-    router = APIRouter()
-
-    @router.get("/pool-empty")
-    def pool_empty() -> None:
-        raise PoolTimeout("QueuePool limit of size 5 overflow 10 reached")
-
-    app.include_router(router)
-    client = make_client(sqlite_settings, app=app, raise_server_exceptions=False)
+    client = _client_with_a_route_that_raises(sqlite_settings, make_client, "/pool-empty",
+                                              PoolTimeout("QueuePool limit of size 5 overflow 10 reached"))
     response = client.get("/pool-empty")
     assert _problem(response, 503, "database-unavailable") and response.headers["retry-after"] == "1"
 
