@@ -190,3 +190,13 @@ def test_the_key_is_checked_before_the_body_is_read(env: ApiEnv, headers: Any, s
                                headers={**sent, "Content-Type": "application/json"})
     assert response.status_code == status and response.json()["type"].endswith(slug), response.text
     assert bool(reads) is (status == 400)  # the body is read only for a key that may use the route
+
+
+def test_every_v1_route_checks_the_key_before_the_body(env: ApiEnv) -> None:
+    from app.api import api_keys, audit, cost_matrices, health, models, products, training_jobs, verifications
+    from app.api.deps import KeyFirstRoute
+
+    served = {path for path in env.client.app.openapi()["paths"] if path.startswith("/v1/")}
+    routers = (api_keys, audit, cost_matrices, health, models, products, training_jobs, verifications)
+    key_first = {route.path for module in routers for route in module.router.routes if isinstance(route, KeyFirstRoute)}
+    assert served and served <= key_first, served - key_first
