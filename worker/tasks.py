@@ -219,7 +219,8 @@ def _start_alive_file(sender: Any = None, **_kwargs: Any) -> None:
 
 
 @worker_shutdown.connect
-def _stop_reaper(**_kwargs: Any) -> None:
+def _stop_background_threads(**_kwargs: Any) -> None:
+    """Stop the reaper, and remove the liveness file (a stopped worker is not alive)."""
     global _alive_file
     if _reaper is not None:
         _reaper.stop()

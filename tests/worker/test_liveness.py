@@ -68,7 +68,7 @@ def test_the_worker_keeps_the_file_only_when_configured(monkeypatch: pytest.Monk
         assert path.exists() and liveness.check_alive(path, max_age_s=60)[0]
     finally:
         monkeypatch.setattr(tasks, "_reaper", None)
-        tasks._stop_reaper()
+        tasks._stop_background_threads()
     assert tasks._alive_file is None and not path.exists()
 
 
