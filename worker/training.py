@@ -73,6 +73,8 @@ class JobSpec:
     auto_promote: bool
     resume_path: Path | None
     feedback: tuple[FeedbackImage, ...] = ()
+    # What of the stored progress must outlive an attempt (leases.OUTLIVES_AN_ATTEMPT), read with the rest.
+    carried_progress: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -128,7 +130,9 @@ def load_spec(database: Database, settings: Settings, job_id: int) -> JobSpec:
                        cost_matrix_version_id=job.cost_matrix_version_id,
                        cost_csv=costs.to_csv(header=("true_ndc", "predicted_ndc", "cost")),
                        auto_promote=job.auto_promote,
-                       resume_path=Path(job.resume_path) if job.resume_path else None, feedback=feedback)
+                       resume_path=Path(job.resume_path) if job.resume_path else None, feedback=feedback,
+                       carried_progress={key: value for key, value in (job.progress or {}).items()
+                                         if key in leases.OUTLIVES_AN_ATTEMPT})
 
 
 def prepare_data(spec: JobSpec, workdir: Workdir) -> Path:
@@ -355,8 +359,7 @@ def run(*, database: Database, settings: Settings, spec: JobSpec, lease: Lease, 
     # The stored progress is replaced by this attempt's: keep what must outlive an attempt, the epoch
     # checkpoint it resumes from and the reaper's count of lost workers (else a job that kills its worker
     # mid-epoch would count its first loss every time, and be requeued for ever).
-    _, stored = leases.checkpoint_epoch(database, spec.job_id)
-    hooks.progress.update({key: stored[key] for key in leases.OUTLIVES_AN_ATTEMPT if key in stored})
+    hooks.progress.update(spec.carried_progress)
     if resume is None:
         hooks.progress.pop("checkpoint_epoch", None)
     hooks.progress.update(phase="preparing", resumed_from_epoch=start_epoch if resume is not None else None,
