@@ -78,7 +78,9 @@ class CsadaConfig:
     tau: float = 3.0  # temperature of c~ = c^tau / sum c^tau
     norm: Norm = "linf"
     sign: bool = False  # sign-gradient ascent instead of the paper's raw gradient
-    clamp: tuple[float, float] | None = None  # valid input range, or None (the authors' code)
+    # Valid input range, or None (the authors' code): (low, high) for every input value, or per-channel
+    # ((low_c, ...), (high_c, ...)), which normalised images need: `models.transforms.pixel_range`.
+    clamp: ClampBounds | None = None
     stochastic: bool = True  # Algorithm 3 (one pair per step) instead of Algorithm 2 (all pairs)
     on_reject: OnReject = "stay"  # a rejected sample keeps trying ("stay") or ends ("stop")
     attack_batch_size: int | None = None  # M, draws per sampled pair; None: batch size / pairs_per_step
@@ -96,7 +98,7 @@ class CsadaConfig:
         if self.pairs_per_step < 1:
             raise ValueError("pairs_per_step must be >= 1")
         if self.clamp is not None:
-            object.__setattr__(self, "clamp", (float(self.clamp[0]), float(self.clamp[1])))
+            object.__setattr__(self, "clamp", _clamp_bounds(self.clamp))
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> CsadaConfig:
@@ -110,8 +112,40 @@ class CsadaConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON values."""
         values = asdict(self)
-        values["clamp"] = list(self.clamp) if self.clamp is not None else None
+        values["clamp"] = [list(b) if isinstance(b, tuple) else b for b in self.clamp] if self.clamp else None
         return values
+
+    def clamp_for(self, x: Tensor) -> tuple[float | Tensor, float | Tensor] | None:
+        """`clamp` as Algorithm 1 takes it for inputs like `x`: per-channel bounds broadcast over dim 1."""
+        if self.clamp is None or not isinstance(self.clamp[0], tuple):
+            return self.clamp  # type: ignore[return-value]
+        if x.dim() < 2 or x.shape[1] != len(self.clamp[0]):
+            raise ValueError(f"clamp has bounds for {len(self.clamp[0])} channels but the inputs have shape "
+                             f"{tuple(x.shape)}")
+        shape = (-1, *([1] * (x.dim() - 2)))
+        low, high = (torch.tensor(b, dtype=x.dtype, device=x.device).view(shape) for b in self.clamp)
+        return low, high
+
+
+ClampBounds = tuple[float, float] | tuple[tuple[float, ...], tuple[float, ...]]
+
+
+def _clamp_bounds(value: Any) -> ClampBounds:
+    """(low, high) as floats, or as equal-length tuples of per-channel floats; low < high everywhere."""
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(f"clamp must be (low, high) (got {value!r})")
+    low, high = value
+    if isinstance(low, (tuple, list)) or isinstance(high, (tuple, list)):
+        if not (isinstance(low, (tuple, list)) and isinstance(high, (tuple, list))) or len(low) != len(high) or not low:
+            raise ValueError("per-channel clamp bounds must be two non-empty lists of the same length")
+        lows, highs = tuple(float(v) for v in low), tuple(float(v) for v in high)
+        if not all(a < b for a, b in zip(lows, highs, strict=True)):
+            raise ValueError(f"clamp needs low < high in every channel (got {lows} and {highs})")
+        return lows, highs
+    bounds = (float(low), float(high))
+    if not bounds[0] < bounds[1]:
+        raise ValueError(f"clamp needs low < high (got {bounds})")
+    return bounds
 
 
 class PairSampler:
@@ -233,7 +267,7 @@ class CsadaMethod(Method):
     def _attack(self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor) -> AttackResult:
         c = self.config
         return targeted_attack(model, x, y, target, eps=c.eps, steps=c.steps, step_size=c.step_size,
-                               norm=c.norm, sign=c.sign, clamp=c.clamp, on_reject=c.on_reject)
+                               norm=c.norm, sign=c.sign, clamp=c.clamp_for(x), on_reject=c.on_reject)
 
     def _loss(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor, y_adv: Tensor, row_weights: Tensor,
               results: Sequence[AttackResult]) -> LossOutput:

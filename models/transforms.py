@@ -82,6 +82,16 @@ def _check_stats(mean: Sequence[float], std: Sequence[float]) -> tuple[tuple[flo
     return mean_t, std_t
 
 
+def pixel_range(mean: Sequence[float], std: Sequence[float]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The per-channel range of normalised inputs whose pixels lie in [0, 1]: ((0 - m) / s, (1 - m) / s).
+
+    What Algorithm 1's optional clamp needs for images normalised with `mean`/`std` (`CsadaConfig.clamp`).
+    """
+    mean_t, std_t = _check_stats(mean, std)
+    return (tuple(-m / s for m, s in zip(mean_t, std_t, strict=True)),
+            tuple((1.0 - m) / s for m, s in zip(mean_t, std_t, strict=True)))
+
+
 class _Preset:
     """Shared parts: RGB conversion, decoding with JPEG draft, call."""
 

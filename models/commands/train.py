@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,7 +29,7 @@ DEFAULT_IMAGE_SIZE = 224
 # Method hyperparameters the command exposes, by method (None means "the method's default").
 _METHOD_OPTIONS = {
     "csada": ("lam", "eps", "steps", "step_size", "tau", "norm", "sign", "stochastic", "pairs_per_step",
-              "attack_batch_size"),
+              "attack_batch_size", "clamp_pixels"),
     "ap": ("alpha",),
 }
 
@@ -127,8 +127,14 @@ def _load_data(request: TrainRequest, *, image_size: int, base: LoadedCheckpoint
         valid=valid.with_transform(eval_preset), test=test.with_transform(eval_preset), mean=mean, std=std)
 
 
-def _method_options(request: TrainRequest, base: LoadedCheckpoint | None) -> dict[str, Any]:
+def _method_options(request: TrainRequest, base: LoadedCheckpoint | None, *, mean: Sequence[float],
+                    std: Sequence[float]) -> dict[str, Any]:
+    from models.transforms import pixel_range
+
     options = dict(request.method_options)
+    if options.pop("clamp_pixels", False):
+        # Algorithm 1's clamp, in the normalised space the model reads: each channel's [0, 1] pixels.
+        options["clamp"] = pixel_range(mean, std)
     base_kind = base.metadata.output_kind if base is not None else "logits"
     if base_kind == "costs" and request.method != "sosr":
         raise TrainError(f"the base checkpoint regresses costs (SOSR); method {request.method!r} needs logits")
@@ -171,7 +177,8 @@ def run_training(request: TrainRequest, *, progress: Callable[[ProgressEvent], N
         input_shape = tuple(data.train[0][0].shape) if arch == "mlp" else None
         model = create_model(arch, len(classes), in_channels=data.in_channels, pretrained_path=request.pretrained,
                              input_shape=input_shape)
-    method = create_method(request.method, cost_matrix=costs, **_method_options(request, base))
+    method = create_method(request.method, cost_matrix=costs,
+                           **_method_options(request, base, mean=data.mean, std=data.std))
     config = request.config
     train_loader = create_train_loader(data.train, batch_size=config.batch_size, seed=config.seed,
                                        num_workers=request.num_workers, pin_memory=device.type == "cuda")
@@ -262,6 +269,9 @@ def register(parser_group: Any) -> None:
                        help="Algorithm 2 (every pair each step) instead of the stochastic Algorithm 3")
     group.add_argument("--pairs-per-step", type=int, help="Algorithm 3: independent pairs averaged per step")
     group.add_argument("--attack-batch-size", type=int, help="Algorithm 3: source-class samples attacked per pair")
+    group.add_argument("--clamp-pixels", action="store_true", default=None,
+                       help="keep attacked images valid: each channel's pixels in [0, 1] (default: unclamped, as "
+                            "in the authors' code)")
     parser.add_argument_group("AP (--method ap)").add_argument("--alpha", type=float, help="penalty weight (default 5)")
     parser.set_defaults(func=handle)
 

@@ -159,6 +159,36 @@ def test_config_validation_and_round_trip() -> None:
         CsadaConfig(norm="l1")  # type: ignore[arg-type]
 
 
+def test_per_channel_clamp_keeps_attacked_images_valid() -> None:
+    """Normalised images have a different valid range per channel (`pixel_range`); a scalar range cannot say
+    it, and the per-channel one once crashed CsadaConfig."""
+    from models.transforms import pixel_range
+
+    mean, std = (0.2, 0.5, 0.7), (0.1, 0.3, 0.2)
+    low, high = pixel_range(mean, std)
+    assert low == pytest.approx((-2.0, -5 / 3, -3.5)) and high == pytest.approx((8.0, 5 / 3, 1.5))
+    config = CsadaConfig(lam=1, eps=50.0, steps=5, step_size=5.0, sign=True, clamp=(list(low), list(high)))
+    assert config.clamp == (low, high)
+    assert CsadaConfig.from_dict(config.to_dict()) == config  # JSON-ready and back (checkpoint metadata)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 3)).eval()
+    pixels = torch.rand(16, 3, 6, 6)
+    x = (pixels - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    y = model(x).argmax(1)  # every sample starts on its true class, so every one is attacked
+    method = CsadaMethod(cost_matrix=cost_matrix(), config=config)
+    result = method._attack(model, x, y, (y + 1) % 3)
+    attacked = x + result.delta
+    assert result.delta.abs().amax() > 1.0  # large steps: without the clamp the pixels would leave [0, 1]
+    back = attacked * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
+    assert back.min() >= -1e-5 and back.max() <= 1 + 1e-5
+    for bad in ([0], [1, 0], [[0, 0], [1]], [[0, 1], [1, 0]], [[], []], [0, [1]]):
+        with pytest.raises(ValueError, match="clamp"):
+            CsadaConfig(clamp=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="3 channels"):
+        config.clamp_for(torch.zeros(2, 4, 6, 6))
+
+
 def test_dataset_labels_through_wrappers() -> None:
     data = toy_data()
     subset = Subset(data, [0, 7, 19])

@@ -85,12 +85,16 @@ def test_fine_tune_csada_from_base_records_parent(data: Path, tmp_path: Path) ->
     tuned = tmp_path / "tuned"
     argv = ["--data", str(data), "--out", str(tuned), "--base", str(base), "--method", "csada", "--epochs", "1",
             "--batch-size", "8", "--device", "cpu", "--lr", "1e-4", "--lam", "2", "--eps", "0.5", "--steps", "2",
-            "--step-size", "0.1", "--tau", "1"]
+            "--step-size", "0.1", "--tau", "1", "--clamp-pixels"]
     assert run_cli(argv) == 0
     meta = load_checkpoint(tuned).metadata
     assert meta.parent_sha256 == weights_sha256(base)
     assert meta.method == "csada"
     assert meta.hyperparameters["method"]["steps"] == 2 and meta.hyperparameters["method"]["eps"] == 0.5
+    # --clamp-pixels: the attack's clamp is each channel's [0, 1] pixels in the normalised space.
+    low, high = meta.hyperparameters["method"]["clamp"]
+    assert low == pytest.approx([-m / s for m, s in zip(meta.mean, meta.std, strict=True)])
+    assert high == pytest.approx([(1 - m) / s for m, s in zip(meta.mean, meta.std, strict=True)])
     assert meta.hyperparameters["train"]["freeze_bn"] is True  # the default when fine-tuning a --base
     assert meta.arch == "tiny_cnn" and meta.image_size == 16  # inherited from the base
     assert load_checkpoint(base).metadata.hyperparameters["train"]["freeze_bn"] is False  # a new model
