@@ -61,6 +61,7 @@ class Settings(BaseSettings):
     inference_workers: int = Field(default=1, ge=1, description="Batches computed at once, each on its own torch thread: 1 for a GPU; on a CPU host with spare cores, more (with torch_threads x inference_workers <= cores).")
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
     inference_amp: bool = Field(default=False, description="Serve under bf16 autocast on CUDA (no effect on a CPU). Off: the verdict thresholds were fitted on float32 outputs, and on an H100 bf16 moved probabilities by up to 0.04 and was not faster for these models at batch 16.")
+    inference_channels_last: Literal["auto", "true", "false"] = Field(default="auto", description="Memory layout of the served model's weights and inputs: auto = channels-last on a CPU (faster there) and on CUDA only with RXVERIFY_INFERENCE_AMP; true or false forces it. `rxverify bench service` times both forms on the device.")
     model_poll_seconds: float = Field(default=2.0, gt=0, description="Fallback poll for the active model version "
                                       "(the only signal in embedded mode: promotion to serving within 5 s).")
 

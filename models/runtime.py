@@ -100,15 +100,17 @@ def set_cpu_threads(n: int | None) -> None:
     logger.debug("torch intra-op threads set to %d", n)
 
 
-def prepare_for_inference(model: torch.nn.Module, example: torch.Tensor) -> torch.nn.Module:
+def prepare_for_inference(model: torch.nn.Module, example: torch.Tensor, *, channels_last: bool = True
+                          ) -> torch.nn.Module:
     """An inference-only copy of `model`: BatchNorm folded into convolutions, channels-last weights.
 
     Each BatchNorm2d that reads a Conv2d's output, where that output has no other use and each module is
     called once, is folded into the convolution's weight and bias (`torch.nn.utils.fusion.fuse_conv_bn_eval`)
-    and replaced by an identity; this saves a pass over every activation. 4-D weights are stored
-    channels-last, the layout oneDNN's CPU kernels and cuDNN's tensor-core kernels prefer (feed it
-    `channels_last_input`). Outputs equal the original's up to float rounding. Only for inference: the
-    copy has no BatchNorm left to train; `model` itself is not changed.
+    and replaced by an identity; this saves a pass over every activation. With `channels_last` (the
+    default), 4-D weights are stored channels-last, the layout oneDNN's CPU kernels prefer (feed it
+    `channels_last_input`); see `serve_channels_last` for where it is used. Outputs equal the original's
+    up to float rounding. Only for inference: the copy has no BatchNorm left to train; `model` itself is
+    not changed.
 
     The pairs are found by running `example` (one input batch) through the copy with forward hooks on
     its own modules and reading the autograd graph, not with torch.fx: fx's tracer patches
@@ -123,7 +125,7 @@ def prepare_for_inference(model: torch.nn.Module, example: torch.Tensor) -> torc
         assert isinstance(conv, torch.nn.Conv2d) and isinstance(bn, torch.nn.BatchNorm2d)
         _replace_submodule(prepared, conv_name, fuse_conv_bn_eval(conv, bn))
         _replace_submodule(prepared, bn_name, torch.nn.Identity())
-    return prepared.to(memory_format=torch.channels_last)
+    return prepared.to(memory_format=torch.channels_last) if channels_last else prepared
 
 
 def _conv_bn_pairs(model: torch.nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
@@ -179,6 +181,24 @@ def _conv_bn_pairs(model: torch.nn.Module, example: torch.Tensor) -> list[tuple[
 def _replace_submodule(root: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+def serve_channels_last(device: torch.device, *, autocast: bool, preference: str = "auto") -> bool:
+    """Whether a served model runs channels-last on `device`: `preference` "true" or "false", or the default.
+
+    The default is channels-last on the CPU (measured on the 2-core development machine, ResNet-18 at 224
+    px: batch 16 in 325-328 ms against 347-369 ms for NCHW input to the same weights, and 395-427 ms for the
+    model as loaded), and on CUDA only under autocast, where cuDNN's tensor-core kernels want NHWC. In
+    float32 on an H100 the channels-last served copy was slower than the model as loaded (README, "GPU
+    checks"); that comparison also timed host work the other did not do, so it is not conclusive, and
+    `rxverify bench service --device cuda` now times the three forms alike: set
+    RXVERIFY_INFERENCE_CHANNELS_LAST to the faster one.
+    """
+    if preference not in ("auto", "true", "false"):
+        raise ValueError(f"channels-last preference must be auto, true or false (got {preference!r})")
+    if preference != "auto":
+        return preference == "true"
+    return device.type != "cuda" or autocast
 
 
 def channels_last_input(inputs: torch.Tensor) -> torch.Tensor:

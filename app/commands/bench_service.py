@@ -49,6 +49,7 @@ class BenchConfig:
     inference_workers: int = 1
     arch: str = "resnet18"  # of the untrained model served when `model` is None
     image_size: int = 224
+    channels_last: str = "auto"  # RXVERIFY_INFERENCE_CHANNELS_LAST, for the service and the raw pipeline
 
 
 def register(sub: Any, groups: dict[str, Any]) -> None:
@@ -76,6 +77,9 @@ def register(sub: Any, groups: dict[str, Any]) -> None:
     parser.add_argument("--inference-workers", type=int, default=None,
                         help="the service's RXVERIFY_INFERENCE_WORKERS (batches computed at once; default: 1 on a "
                              "GPU, else CPU cores // torch threads, the setting's documented CPU rule)")
+    parser.add_argument("--channels-last", choices=("auto", "true", "false"), default="auto",
+                        help="the served layout (RXVERIFY_INFERENCE_CHANNELS_LAST) for the service and the raw "
+                             "pipeline; the raw stages time the other layout and the model as loaded as well")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep photos, data and logs here")
     parser.set_defaults(func=handle)
 
@@ -98,6 +102,7 @@ def handle(args: argparse.Namespace) -> int:
                          batch_wait_ms=args.batch_wait_ms, photos=args.photos, single_reps=args.single_reps,
                          decode_workers=args.decode_workers, work_dir=args.work_dir,
                          rounds=args.rounds, arch=args.arch, image_size=args.image_size,
+                         channels_last=args.channels_last,
                          inference_workers=args.inference_workers or default_inference_workers(args.device,
                                                                                                 args.torch_threads))
     result = run_bench(config)
@@ -232,13 +237,15 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     threads = str(config.torch_threads)
     per_round = max(1, config.requests // config.rounds)
     pipeline = support.RawPipeline(checkpoint, photos, device=config.device, torch_threads=config.torch_threads,
-                                   batch_size=config.max_batch_size, decode_workers=config.decode_workers)
+                                   batch_size=config.max_batch_size, decode_workers=config.decode_workers,
+                                   channels_last=config.channels_last, autocast=SERVICE_AMP)
     port, naive_port = support.free_port(), support.free_port()
     env = {"RXVERIFY_DATA_DIR": str(work / "data"), "RXVERIFY_DEVICE": config.device,
            "RXVERIFY_TORCH_THREADS": threads, "RXVERIFY_MAX_BATCH_SIZE": str(config.max_batch_size),
            "RXVERIFY_MAX_BATCH_WAIT_MS": str(config.batch_wait_ms), "RXVERIFY_LOG_FORMAT": "json",
            "RXVERIFY_INFERENCE_WORKERS": str(config.inference_workers),
            "RXVERIFY_INFERENCE_AMP": str(SERVICE_AMP).lower(),
+           "RXVERIFY_INFERENCE_CHANNELS_LAST": config.channels_last,
            # One pooled connection per concurrent request: overflow connections are opened and closed per use.
            "RXVERIFY_DB_POOL_SIZE": str(max(config.concurrency) + 4)}
     naive_env = {"RXVERIFY_BENCH_CHECKPOINT": str(checkpoint), "RXVERIFY_DEVICE": config.device,
@@ -299,7 +306,10 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
                    "adaptive_wait": True, "inference_amp": SERVICE_AMP,
                    "inference_workers": config.inference_workers, "uvicorn_workers": 1,
                    "db_pool_size": max(config.concurrency) + 4, "jpeg_draft": True,
-                   "model_prepared": "BatchNorm folded, channels-last (the naive server runs the model as loaded)",
+                   "model_prepared": (f"BatchNorm folded, {'channels-last' if raw['channels_last'] else 'NCHW'} "
+                                      f"(--channels-last {config.channels_last}; the naive server runs the model "
+                                      "as loaded)"),
+                   "channels_last": raw["channels_last"],
                    "database": "sqlite (embedded), one row per verdict", "embedded_training_worker": False},
         "photos": {"count": len(photos), "size": list(support.PHOTO_SIZE),
                    "mean_bytes": round(sum(map(len, photos)) / len(photos))},

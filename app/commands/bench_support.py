@@ -214,15 +214,17 @@ class RawPipeline:
     running ahead of full batches). The raw limit is the better of the two throughputs."""
 
     def __init__(self, checkpoint: Path, photos: Sequence[bytes], *, device: str, torch_threads: int | None,
-                 batch_size: int, decode_workers: int) -> None:
+                 batch_size: int, decode_workers: int, channels_last: str = "auto", autocast: bool = False) -> None:
         from app.inference.images import ImageLimits, configure_pillow
         from app.inference.served import load_served_model
         from models.checkpoint import load_checkpoint
-        from models.runtime import select_device, set_cpu_threads
+        from models.runtime import select_device, serve_channels_last, set_cpu_threads
 
         set_cpu_threads(torch_threads)
         configure_pillow(max_pixels=ImageLimits().max_pixels)
-        self.served = load_served_model(checkpoint, version="raw", device=select_device(device))
+        on = select_device(device)
+        self.served = load_served_model(checkpoint, version="raw", device=on, channels_last=serve_channels_last(
+            on, autocast=autocast, preference=channels_last))
         # The model as loaded, to time what prepare_for_inference saves (the naive server runs it so).
         self.eager = load_checkpoint(checkpoint, device=self.served.device).model.eval()
         self.limits = ImageLimits()
@@ -262,7 +264,8 @@ class RawPipeline:
         serial = statistics.fmean(f["throughput_ips"] for f in self.figures)
         pipelined = images / wall
         stage_keys = ("decode_ms", "full_decode_ms", "preprocess_ms", "forward_1_ms", "forward_batch_ms",
-                      "forward_1_eager_ms", "forward_batch_eager_ms")
+                      "forward_1_other_layout_ms", "forward_batch_other_layout_ms", "forward_1_eager_ms",
+                      "forward_batch_eager_ms")
         return {"throughput_rps": round(max(serial, pipelined), 3), "serial_rps": round(serial, 3),
                 "pipelined_rps": round(pipelined, 3),
                 "single_image_p50_ms": round(statistics.median(f["single_image_ms"] for f in self.figures), 2),
@@ -272,7 +275,7 @@ class RawPipeline:
                 "rounds_single_p50_ms": [round(f["single_image_ms"], 2) for f in self.figures],
                 "batch_size": self.batch_size, "decode_workers": self.decode_workers,
                 "torch_threads": self.figures[0]["torch_threads"] if self.figures else None,
-                "device": str(self.served.device)}
+                "device": str(self.served.device), "channels_last": self.served.channels_last}
 
 
 def python() -> str:

@@ -13,7 +13,8 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from app.inference.served import ServedModel, forward_probabilities, load_served
 from models.checkpoint import CheckpointMetadata, load_checkpoint, save_checkpoint
 from models.networks import create_model
 from models.pmi import PMI_PRODUCTS
-from models.runtime import prepare_for_inference, select_device, set_cpu_threads
+from models.runtime import prepare_for_inference, select_device, serve_channels_last, set_cpu_threads
 from models.transforms import EvalPreset
 
 PMI_PHOTO_SIZE = (1284, 960)
@@ -51,8 +52,12 @@ class PipelineFigures:
     forward_batch_ms: float  # forward + softmax at batch_size
     batch_pipeline_ms: float  # decode + preprocess of batch_size photos + one forward
     throughput_ips: float  # batch_size / batch_pipeline: the raw pipeline limit
-    # The same forwards with the model as loaded (no BatchNorm folding, NCHW), when it was given: what
-    # `prepare_for_inference` saves. The naive server of `bench service` runs the model that way.
+    channels_last: bool = True  # the served layout (RXVERIFY_INFERENCE_CHANNELS_LAST)
+    # When the model as loaded was given, the same forwards (same stacking, transfer and softmax as
+    # forward_1_ms) with other forms of it: BatchNorm folded as served but in the other memory layout, and
+    # the model as loaded (no folding, NCHW), which the naive server of `bench service` runs.
+    forward_1_other_layout_ms: float | None = None
+    forward_batch_other_layout_ms: float | None = None
     forward_1_eager_ms: float | None = None
     forward_batch_eager_ms: float | None = None
 
@@ -77,16 +82,16 @@ def pmi_like_jpegs(*, count: int, seed: int = 0, quality: int = 90) -> list[byte
 
 
 def served_random_model(*, arch: str, num_classes: int, image_size: int, device: torch.device,
-                        model: torch.nn.Module | None = None) -> ServedModel:
+                        model: torch.nn.Module | None = None, channels_last: bool = True) -> ServedModel:
     """A randomly initialised model (or `model`, as created) wrapped as a bundle, prepared as the service
     prepares a loaded checkpoint (timing only: no checkpoint or weights needed)."""
     metadata = CheckpointMetadata(classes=tuple(f"class-{i}" for i in range(num_classes)), arch=arch, in_channels=3,
                                   image_size=image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     model = model if model is not None else create_model(arch, num_classes).to(device).eval()
     example = torch.zeros(1, 3, image_size, image_size, device=device)
-    return ServedModel(model=prepare_for_inference(model, example), metadata=metadata,
+    return ServedModel(model=prepare_for_inference(model, example, channels_last=channels_last), metadata=metadata,
                        preset=EvalPreset.from_metadata(metadata), version=f"random-{arch}", device=device,
-                       weights_sha256="0" * 64, policy=None)
+                       weights_sha256="0" * 64, policy=None, channels_last=channels_last)
 
 
 def _median_ms(action: Callable[[], object], *, repeats: int, warmup: int) -> float:
@@ -107,7 +112,8 @@ def measure_pipeline(served: ServedModel, *, images: Sequence[bytes], batch_size
                      eager: torch.nn.Module | None = None) -> PipelineFigures:
     """Time each stage in this process (no HTTP, no queue) on `images` (cycled) with `served`.
 
-    `eager`: the served model as loaded, before `prepare_for_inference`; its forwards are timed too.
+    `eager`: the served model as loaded, before `prepare_for_inference`; its forwards, and those of the
+    folded model in the layout not served, are timed through the same `forward_probabilities` path.
     """
     limits = limits or ImageLimits()
     preset = served.preset
@@ -138,19 +144,19 @@ def measure_pipeline(served: ServedModel, *, images: Sequence[bytes], batch_size
         "batch_pipeline_ms": _median_ms(batch_pipeline, repeats=repeats, warmup=1),
     }
     if eager is not None:
-        eager_one, eager_batch = torch.stack(one).to(served.device), torch.stack(batch).to(served.device)
-
-        def eager_forward(inputs: torch.Tensor) -> None:
-            with torch.inference_mode():  # float32, as the service serves by default
-                eager(inputs)
-
-        figures["forward_1_eager_ms"] = _median_ms(lambda: eager_forward(eager_one), repeats=repeats * 3,
-                                                   warmup=warmup)
-        figures["forward_batch_eager_ms"] = _median_ms(lambda: eager_forward(eager_batch), repeats=repeats,
-                                                       warmup=warmup)
+        example = torch.zeros(1, *served.input_shape, device=served.device)
+        forms = {"other_layout": replace(served, channels_last=not served.channels_last, model=prepare_for_inference(
+                     eager, example, channels_last=not served.channels_last)),
+                 "eager": replace(served, model=eager.eval(), channels_last=False)}
+        for name, form in forms.items():
+            figures[f"forward_1_{name}_ms"] = _median_ms(partial(forward_probabilities, form, one),
+                                                         repeats=repeats * 3, warmup=warmup)
+            figures[f"forward_batch_{name}_ms"] = _median_ms(partial(forward_probabilities, form, batch),
+                                                             repeats=repeats, warmup=warmup)
     return PipelineFigures(device=str(served.device), arch=served.metadata.arch, image_size=preset.image_size,
                            batch_size=batch_size, torch_threads=torch.get_num_threads(), repeats=repeats,
-                           throughput_ips=1000.0 * batch_size / figures["batch_pipeline_ms"], **figures)
+                           throughput_ips=1000.0 * batch_size / figures["batch_pipeline_ms"],
+                           channels_last=served.channels_last, **figures)
 
 
 @dataclass(frozen=True)
@@ -202,15 +208,15 @@ async def measure_engine(engine: Any, *, images: Sequence[bytes], concurrency: i
 
 
 async def _engine_figures(checkpoint: Path, *, images: Sequence[bytes], device: str, threads: int | None,
-                          batch: int, max_wait_ms: float, concurrencies: Sequence[int], requests: int
-                          ) -> list[dict[str, Any]]:
+                          batch: int, max_wait_ms: float, concurrencies: Sequence[int], requests: int,
+                          channels_last: str = "auto") -> list[dict[str, Any]]:
     from prometheus_client import CollectorRegistry
 
     from app.inference.engine import EngineConfig, InferenceEngine
     from app.inference.metrics import InferenceMetrics
 
     engine = InferenceEngine(config=EngineConfig(device=device, torch_threads=threads, max_batch_size=batch,
-                                                 max_wait_ms=max_wait_ms),
+                                                 max_wait_ms=max_wait_ms, channels_last=channels_last),
                              metrics=InferenceMetrics(registry=CollectorRegistry()))
     await engine.load_model(checkpoint, version=checkpoint.name)
     try:
@@ -240,19 +246,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="also drive the InferenceEngine in process at these concurrencies (e.g. 1 4 16)")
     parser.add_argument("--engine-requests", type=int, default=64)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--channels-last", choices=("auto", "true", "false"), default="auto",
+                        help="the served layout, as RXVERIFY_INFERENCE_CHANNELS_LAST")
     args = parser.parse_args(argv)
     set_cpu_threads(args.threads)
     device = select_device(args.device)
+    layout = serve_channels_last(device, autocast=False, preference=args.channels_last)
     images = pmi_like_jpegs(count=args.photos)
     with tempfile.TemporaryDirectory(prefix="rxverify-bench-") as scratch:
         checkpoint = args.checkpoint
         if checkpoint:
-            served = load_served_model(checkpoint, version=checkpoint.name, device=device)
+            served = load_served_model(checkpoint, version=checkpoint.name, device=device, channels_last=layout)
             eager = load_checkpoint(checkpoint, device=device).model.eval()
         else:
             eager = create_model(args.arch, args.classes).to(device).eval()
             served = served_random_model(arch=args.arch, num_classes=args.classes, image_size=args.image_size,
-                                         device=device, model=eager)
+                                         device=device, model=eager, channels_last=layout)
             if args.engine:
                 checkpoint = Path(scratch) / f"random-{args.arch}"
                 save_checkpoint(checkpoint, model=eager, metadata=served.metadata)
@@ -262,7 +271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.engine and checkpoint is not None:
             report["engine"] = asyncio.run(_engine_figures(
                 checkpoint, images=images, device=args.device, threads=args.threads, batch=args.batch,
-                max_wait_ms=args.max_wait_ms, concurrencies=args.engine, requests=args.engine_requests))
+                max_wait_ms=args.max_wait_ms, concurrencies=args.engine, requests=args.engine_requests,
+                channels_last=args.channels_last))
     json.dump(report, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0

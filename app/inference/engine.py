@@ -47,7 +47,7 @@ from app.inference.served import (
     forward_probabilities,
     load_served_model,
 )
-from models.runtime import select_device, set_cpu_threads
+from models.runtime import select_device, serve_channels_last, set_cpu_threads
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +88,7 @@ class EngineConfig:
     device: str = "auto"
     torch_threads: int | None = None
     autocast: bool = False  # bf16 autocast on CUDA (settings.inference_amp); float32 by default
+    channels_last: str = "auto"  # settings.inference_channels_last: auto | true | false
     warmup_batch_sizes: tuple[int, ...] = ()  # empty: 1 and max_batch_size
     drain_timeout_s: float = 30.0
     adaptive_wait: bool = True  # wait for partners only while some request is still being preprocessed
@@ -105,7 +106,12 @@ class EngineConfig:
         return cls(max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_batch_wait_ms,
                    queue_size=settings.inference_queue_size, device=settings.device,
                    torch_threads=settings.torch_threads, inference_workers=settings.inference_workers,
-                   autocast=settings.inference_amp)
+                   autocast=settings.inference_amp,
+                   channels_last=settings.inference_channels_last)
+
+    def channels_last_on(self, device: torch.device) -> bool:
+        """Whether models served on `device` run channels-last (`models.runtime.serve_channels_last`)."""
+        return serve_channels_last(device, autocast=self.autocast, preference=self.channels_last)
 
     @property
     def warmup_sizes(self) -> tuple[int, ...]:
@@ -341,7 +347,8 @@ class InferenceEngine:
             started = time.perf_counter()
             try:
                 served = await asyncio.to_thread(load_served_model, checkpoint_dir, version=version,
-                                                 device=self.device)
+                                                 device=self.device,
+                                                 channels_last=self.config.channels_last_on(self.device))
                 await self._warm_up(served)
             except Exception as error:
                 self.metrics.swaps.labels(outcome="failure").inc()
@@ -356,7 +363,8 @@ class InferenceEngine:
             self.metrics.swap_failed.set(0)
             self.metrics.swap_seconds.observe(time.perf_counter() - started)
             self.metrics.model.info({"version": version, "weights_sha256": served.weights_sha256,
-                                     "arch": served.metadata.arch, "device": str(served.device)})
+                                     "arch": served.metadata.arch, "device": str(served.device),
+                                     "channels_last": str(served.channels_last).lower()})
             self.metrics.ready.set(1)
             logger.info("serving model %s (%s) on %s%s", version, served.metadata.arch, served.device,
                         f", replacing {previous.version}" if previous else "")

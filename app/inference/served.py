@@ -51,6 +51,7 @@ class ServedModel:
     device: torch.device
     weights_sha256: str
     policy: VerdictPolicy | None = field(repr=False)
+    channels_last: bool = True  # the memory layout `model`'s weights were prepared in (serve_channels_last)
     # Calibrated validation probabilities and labels the policy was fitted on (None for older checkpoints).
     validation: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
     _policies: dict[str, tuple[VerdictPolicy, bool]] = field(default_factory=dict, repr=False)
@@ -152,11 +153,13 @@ def policy_for_costs(policy: VerdictPolicy | None, validation: tuple[np.ndarray,
     return refitted, True
 
 
-def load_served_model(checkpoint_dir: str | Path, *, version: str, device: torch.device) -> ServedModel:
+def load_served_model(checkpoint_dir: str | Path, *, version: str, device: torch.device,
+                      channels_last: bool = True) -> ServedModel:
     """Load a checkpoint into a bundle (blocking: run it in a thread).
 
-    The model is served as `prepare_for_inference` makes it: BatchNorm folded into the convolutions and
-    channels-last weights (same outputs up to float rounding, faster batches on CPU and GPU).
+    The model is served as `prepare_for_inference` makes it: BatchNorm folded into the convolutions, with
+    channels-last weights when `channels_last` (same outputs up to float rounding; see
+    `models.runtime.serve_channels_last` for which layout is faster where).
     """
     loaded = load_checkpoint(checkpoint_dir, device=device)
     metadata = loaded.metadata
@@ -168,8 +171,9 @@ def load_served_model(checkpoint_dir: str | Path, *, version: str, device: torch
     preset = EvalPreset.from_metadata(metadata)
     preset(Image.new("RGB", (preset.image_size + 7, preset.image_size), (128, 128, 128)))  # first-call costs
     example = torch.zeros(1, metadata.in_channels, preset.image_size, preset.image_size, device=device)
-    return ServedModel(model=prepare_for_inference(loaded.model, example), metadata=metadata, preset=preset,
-                       version=version, device=device, weights_sha256=loaded.weights_sha256, policy=policy,
+    return ServedModel(model=prepare_for_inference(loaded.model, example, channels_last=channels_last),
+                       metadata=metadata, preset=preset, version=version, device=device,
+                       weights_sha256=loaded.weights_sha256, policy=policy, channels_last=channels_last,
                        validation=validation)
 
 
@@ -210,11 +214,11 @@ def forward_probabilities(served: ServedModel, tensors: Sequence[torch.Tensor], 
     1396 photos), bf16 moved probabilities by up to 0.040 against the CPU's float32 and changed 13
     expected-cost decisions; float32 on the GPU (TF32 convolutions) moved them by up to 0.003, 1 decision.
     """
-    inputs = channels_last_input(torch.stack(list(tensors)))  # the layout prepare_for_inference's weights use
-    if served.device.type == "cuda":
-        inputs = inputs.pin_memory()
+    inputs = torch.stack(list(tensors)).to(served.device)
+    if served.channels_last:  # the layout the weights were prepared in; converted on the device it runs on
+        inputs = channels_last_input(inputs)
     with torch.inference_mode(), autocast_context(served.device, enabled=autocast):
-        outputs = served.model(inputs.to(served.device, non_blocking=True))
+        outputs = served.model(inputs)
     probs = probabilities_from_outputs(outputs.float(), served.metadata.output_kind,
                                        temperature=served.metadata.temperature)
     return probs.cpu().numpy().astype(np.float64)

@@ -85,7 +85,10 @@ def test_a_small_end_to_end_run(tmp_path: Path, levels: str) -> None:
     threads, cores = result["torch_threads"], result["machine"]["cpu_count"]
     expected_workers = 1 if result["device"].startswith("cuda") else max(1, cores // threads)
     assert result["engine"]["inference_workers"] == expected_workers
-    assert result["raw"]["stages_ms"]["forward_1_eager_ms"] > 0
+    stages = result["raw"]["stages_ms"]
+    assert all(stages[f"forward_{n}_{form}_ms"] > 0 for n in ("1", "batch") for form in ("other_layout", "eager"))
+    # The served layout, as auto chooses it for the device (channels-last on a CPU).
+    assert result["engine"]["channels_last"] is result["raw"]["channels_last"] is (result["device"] == "cpu")
 
 
 def test_inference_workers_default_follows_the_cores() -> None:

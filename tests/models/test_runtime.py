@@ -44,6 +44,12 @@ def test_the_inference_copy_folds_every_batchnorm_and_gives_the_same_outputs(arc
     assert all(p.is_contiguous(memory_format=torch.channels_last) for p in prepared.parameters() if p.dim() == 4)
     # The original is untouched (it is what gets saved and trained).
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # The same fold in NCHW (RXVERIFY_INFERENCE_CHANNELS_LAST=false): same outputs, weights left contiguous.
+    nchw = prepare_for_inference(model, x[:1], channels_last=False)
+    with torch.inference_mode():
+        assert torch.allclose(nchw(x), expected, rtol=1e-4, atol=1e-4)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in nchw.modules())
+    assert all(p.is_contiguous() for p in nchw.parameters())
 
 
 def test_the_inference_copy_is_freed_by_reference_counting() -> None:

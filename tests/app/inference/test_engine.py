@@ -62,14 +62,20 @@ def test_no_model_means_model_unavailable(uploads: list[bytes]) -> None:
         stopped.current  # noqa: B018
 
 
+@pytest.mark.parametrize("layout", ["auto", "true", "false"])
 def test_predictions_are_the_calibrated_softmax_of_the_checkpoint(checkpoints: dict[str, Path],
-                                                                  uploads: list[bytes]) -> None:
+                                                                  uploads: list[bytes], layout: str) -> None:
     async def scenario(engine: InferenceEngine, registry: CollectorRegistry) -> Prediction:
         await engine.load_model(checkpoints["a"], version="a")
         assert engine.ready and sample(registry, "rxverify_model_ready") == 1
         return await engine.predict_image(uploads[0], limits=LIMITS)
 
-    prediction = run(scenario)
+    prediction = run(scenario, channels_last=layout)
+    # RXVERIFY_INFERENCE_CHANNELS_LAST: "auto" is channels-last on a CPU; the weights are in the layout served.
+    channels_last = layout != "false"
+    assert prediction.served.channels_last is channels_last
+    convs = [p for p in prediction.served.model.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) is channels_last for p in convs)
     loaded = load_checkpoint(checkpoints["a"])
     preset = EvalPreset.from_metadata(loaded.metadata)
     image = decode_image(uploads[0], max_bytes=LIMITS.max_bytes, max_pixels=LIMITS.max_pixels,
@@ -181,7 +187,8 @@ def test_swaps_under_load_never_mix_versions_and_fail_nothing(checkpoints: dict[
         assert first() is None  # the first model was freed once its in-flight batches finished
         assert sample(registry, "rxverify_model_swaps_total", outcome="success") == 6
         assert registry.get_sample_value("rxverify_model_info", {"version": "b", "weights_sha256":
-                                         engine.current.weights_sha256, "arch": "tiny_cnn", "device": "cpu"}) == 1
+                                         engine.current.weights_sha256, "arch": "tiny_cnn", "device": "cpu",
+                                         "channels_last": "true"}) == 1
         return results
 
     results = run(scenario, max_batch_size=4, max_wait_ms=2)
@@ -306,6 +313,26 @@ def test_the_engine_serves_float32_unless_amp_is_set(tmp_path: Path) -> None:
 
     assert EngineConfig.from_settings(Settings(data_dir=tmp_path)).autocast is False
     assert EngineConfig.from_settings(Settings(data_dir=tmp_path, inference_amp=True)).autocast is True
+
+
+def test_the_served_layout_follows_the_setting_and_the_device(tmp_path: Path) -> None:
+    """RXVERIFY_INFERENCE_CHANNELS_LAST: auto is channels-last on a CPU, and on CUDA only under autocast."""
+    from pydantic import ValidationError
+
+    from app.config import Settings
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    auto = EngineConfig.from_settings(Settings(data_dir=tmp_path))
+    assert auto.channels_last_on(cpu) is True and auto.channels_last_on(cuda) is False
+    amp = EngineConfig.from_settings(Settings(data_dir=tmp_path, inference_amp=True))
+    assert amp.channels_last_on(cuda) is True
+    for value, expected in (("true", True), ("false", False)):
+        forced = EngineConfig.from_settings(Settings(data_dir=tmp_path, inference_channels_last=value))
+        assert forced.channels_last_on(cpu) is expected and forced.channels_last_on(cuda) is expected
+    with pytest.raises(ValidationError, match="inference_channels_last"):
+        Settings(data_dir=tmp_path, inference_channels_last="yes")
+    with pytest.raises(ValueError, match="auto, true or false"):
+        EngineConfig(channels_last="yes").channels_last_on(cpu)
 
 
 def test_a_swap_frees_the_old_model_without_a_full_garbage_collection(
