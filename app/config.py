@@ -68,6 +68,7 @@ class Settings(BaseSettings):
     # --- costs and promotion ----------------------------------------------------------------
     max_cost: float = Field(default=1000.0, gt=0, description="Largest cost a pharmacist may enter.")
     critical_cost_threshold: float = Field(default=5.0, gt=0, description="A pair at least this costly is critical.")
+    max_accept_risk: float = Field(default=0.05, gt=0, description="Ceiling on the expected cost of auto-accepting a fill (sum over y != r of p(y) c(y, r)): a riskier fill goes to review, whatever threshold was fitted on validation. With every error costing 1 it is the largest chance of a wrong product a `match` may carry; a critical substitute (cost 10) may carry a tenth of it.")
     promotion_max_accuracy_drop: float = Field(default=0.5, ge=0, description="Percentage points the gate allows.")
     auto_promote: bool = Field(default=False, description="Default of a training job's auto_promote.")
 

@@ -14,6 +14,7 @@ from app.config import Settings, get_settings
 from app.db import Database
 from app.log import configure_logging
 from app.middleware import BodySizeLimitMiddleware, ObservabilityMiddleware
+from app.openapi import install_openapi
 from app.problems import install_problem_handlers
 from app.services.model_follower import follower_lifespan
 from app.services.readiness import DatabaseProbe
@@ -72,6 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # The inference engine sets this to a callable that says whether a model is loaded and warm.
     app.state.model_ready = _no_model
     install_problem_handlers(app)
+    install_openapi(app)  # errors documented as application/problem+json, as they are sent
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)
     app.add_middleware(ObservabilityMiddleware)  # added last = outermost: it sees every answer
     for router in (health.router, products.router, cost_matrices.router, api_keys.router, audit.router,

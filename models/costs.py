@@ -7,7 +7,7 @@ import hashlib
 import io
 import itertools
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,11 +111,16 @@ class CostMatrix:
 
     @classmethod
     def read_csv(cls, source: str | Path | io.TextIOBase | Iterable[str], classes: Sequence[str], *,
-                 default: float = DEFAULT_OFF_DIAGONAL_COST, max_cost: float = math.inf) -> CostMatrix:
-        """Read the long form `true,predicted,cost` (or `true_ndc,predicted_ndc,cost`)."""
+                 default: float = DEFAULT_OFF_DIAGONAL_COST, max_cost: float = math.inf,
+                 resolve: Callable[[str], str] | None = None) -> CostMatrix:
+        """Read the long form `true,predicted,cost` (or `true_ndc,predicted_ndc,cost`).
+
+        `resolve` maps each name as written to its class (e.g. any NDC form to its product key); a
+        ValueError it raises is reported as that row's unknown class. By default names must be classes.
+        """
         if isinstance(source, str | Path):
             with open(source, newline="", encoding="utf-8-sig") as handle:  # Excel's CSVs start with a BOM
-                return cls.read_csv(handle, classes, default=default, max_cost=max_cost)
+                return cls.read_csv(handle, classes, default=default, max_cost=max_cost, resolve=resolve)
         lines = iter(source)
         first = next(lines, None)
         # A byte-order mark (Excel and PowerShell write one) must go before the csv module reads the header:
@@ -123,14 +128,14 @@ class CostMatrix:
         rows = lines if first is None else itertools.chain([first.lstrip("\ufeff")], lines)
         reader = csv.DictReader(rows, restkey=_EXTRA_FIELDS)
         try:
-            return cls._read_rows(reader, classes, default=default, max_cost=max_cost)
+            return cls._read_rows(reader, classes, default=default, max_cost=max_cost, resolve=resolve)
         except csv.Error as exc:  # e.g. a field over the csv module's size limit, or a NUL byte
             # line_num counts the lines of the records read whole; the bad one starts after them.
             raise CostMatrixError(f"not readable as CSV: {exc}", row=reader.line_num + 1) from None
 
     @classmethod
     def _read_rows(cls, reader: csv.DictReader[str], classes: Sequence[str], *, default: float,
-                   max_cost: float) -> CostMatrix:
+                   max_cost: float, resolve: Callable[[str], str] | None) -> CostMatrix:
         fields = [name.strip() for name in (reader.fieldnames or [])]
         true_col = next((c for c in _TRUE_COLUMNS if c in fields), None)
         pred_col = next((c for c in _PREDICTED_COLUMNS if c in fields), None)
@@ -147,6 +152,9 @@ class CostMatrix:
                                       f"{len(fields)}", row=row_number)
             row = {(key or "").strip(): (value or "").strip() for key, value in raw.items()}
             true, predicted = row.get(true_col, ""), row.get(pred_col, "")
+            if resolve is not None:
+                true, predicted = (_resolved(name, resolve, true=true, predicted=predicted, row=row_number)
+                                   for name in (true, predicted))
             for name in (true, predicted):
                 if name not in index:
                     raise CostMatrixError(f"unknown class {name[:40]!r}", true=true[:40], predicted=predicted[:40],
@@ -235,3 +243,12 @@ class CostMatrix:
 
 def _format_cost(cost: float) -> str:
     return str(int(cost)) if float(cost).is_integer() else repr(float(cost))
+
+
+def _resolved(name: str, resolve: Callable[[str], str], *, true: str, predicted: str, row: int) -> str:
+    """`resolve(name)`, or the row's unknown-class error with the resolver's reason."""
+    try:
+        return resolve(name)
+    except ValueError as exc:
+        raise CostMatrixError(f"unknown class {name[:40]!r}: {exc}", true=true[:40], predicted=predicted[:40],
+                              row=row) from None

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -374,22 +374,37 @@ def fit_policy(probs_valid: Any, labels_valid: Any, *, cost_matrix: CostMatrix, 
 
 
 def refit_policy(policy: VerdictPolicy, probs_valid: Any, labels_valid: Any, *,
-                 cost_matrix: CostMatrix) -> VerdictPolicy:
+                 cost_matrix: CostMatrix, max_accept_risk: float | None = None) -> VerdictPolicy:
     """`policy` fitted again, with the same settings and validation outputs, for another cost matrix.
 
     The thresholds and the conformal alphas depend on the costs (alpha_y shrinks for products whose
     confusions are costly; `accept_risk` is bounded by the cheapest critical wrong fill), so a policy
     fitted for one cost matrix is not the policy for another. Refitting with the matrix a policy was
-    fitted for returns an equal policy. Raises ValueError for a policy that was never fitted.
+    fitted for returns an equal policy. `max_accept_risk` adds a ceiling: the refit uses the smaller of it
+    and the one the policy was fitted with. Raises ValueError for a policy that was never fitted.
     """
     report = policy.report
     if not policy.accepts or not report.get("fitted"):
         raise ValueError("only a fitted verdict policy can be refitted")
-    max_accept_risk = report.get("max_accept_risk")
+    ceilings = [float(v) for v in (report.get("max_accept_risk"), max_accept_risk) if v is not None]
+    max_accept_risk = min(ceilings) if ceilings else None
     return fit_policy(probs_valid, labels_valid, cost_matrix=cost_matrix, critical_cost=policy.critical_cost,
                       classes=policy.classes, base_alpha=float(report["base_alpha"]),
                       wrong_fill_rate=float(report["wrong_fill_rate"]),
                       correct_fill_mismatch_rate=float(report.get("correct_fill_mismatch_rate", 0.0)),
                       max_mismatch_probability=float(report.get("max_mismatch_probability", 0.5)),
-                      max_accept_risk=None if max_accept_risk is None else float(max_accept_risk),
-                      seed=int(report["seed"]), calibration_fraction=float(report["calibration_fraction"]))
+                      max_accept_risk=max_accept_risk, seed=int(report["seed"]), calibration_fraction=float(report["calibration_fraction"]))
+
+
+def with_accept_ceiling(policy: VerdictPolicy, max_accept_risk: float) -> VerdictPolicy:
+    """`policy` with its accept threshold lowered to `max_accept_risk` where it was higher, without a refit.
+
+    For a policy whose validation outputs are not at hand: the thresholds stay those fitted, except that no
+    fill riskier than the ceiling is accepted. The report's rates were measured at the fitted threshold, so
+    the report says so (`accept_risk_fitted`, `rates_at`).
+    """
+    if not policy.accepts or policy.accept_risk <= max_accept_risk:
+        return policy
+    report = {**policy.report, "accept_risk_fitted": policy.accept_risk, "max_accept_risk": max_accept_risk,
+              "rates_at": "accept_risk_fitted (no validation outputs to measure them at the ceiling)"}
+    return replace(policy, accept_risk=float(max_accept_risk), report=report)

@@ -58,13 +58,14 @@ def worker_actor(job_id: int) -> Actor:
 
 
 def fit_verdict_policy(valid: evaluation.SplitEvaluation, *, classes: tuple[str, ...], cost_matrix: CostMatrix,
-                       critical_cost: float, seed: int) -> dict[str, Any]:
+                       critical_cost: float, max_accept_risk: float | None, seed: int) -> dict[str, Any]:
     """Thresholds and conformal quantiles fitted on validation; review-only when valid is too small."""
     from models.decision import VerdictPolicy, fit_policy
 
     try:
         policy = fit_policy(valid.probs, valid.labels, cost_matrix=cost_matrix.reindexed(classes),
-                            critical_cost=critical_cost, classes=classes, seed=seed)
+                            critical_cost=critical_cost, max_accept_risk=max_accept_risk, classes=classes,
+                            seed=seed)
     except ValueError as error:
         logger.warning("verdict policy not fitted (%s); the model will send every fill to review", error)
         policy = VerdictPolicy.review_only(classes, critical_cost=critical_cost)
@@ -74,7 +75,8 @@ def fit_verdict_policy(valid: evaluation.SplitEvaluation, *, classes: tuple[str,
 
 def _decision_summary(decision: dict[str, Any]) -> dict[str, Any]:
     report = decision.get("report", {})
-    keys = ("fitted", "n", "review_rate", "correct_fill_review_rate", "critical_accepts", "mean_set_size")
+    keys = ("fitted", "n", "review_rate", "review_rate_correct_fills", "wrong_accepts", "critical_accepts",
+            "max_accept_risk", "mean_set_size")
     return {"accept_risk": decision.get("accept_risk"), "mismatch_probability": decision.get("mismatch_probability"),
             **{k: report[k] for k in keys if k in report}}
 
@@ -91,7 +93,8 @@ def finalise_checkpoint(checkpoint: Path, final: Path, *, data_root: Path, cost_
     candidate = evaluation.evaluate_checkpoint(checkpoint, data_root=data_root, cost_matrix=cost_matrix,
                                                device=settings.device)
     decision = fit_verdict_policy(candidate["valid"], classes=read_metadata(checkpoint).classes,
-                                  cost_matrix=cost_matrix, critical_cost=settings.critical_cost_threshold, seed=seed)
+                                  cost_matrix=cost_matrix, critical_cost=settings.critical_cost_threshold,
+                                  max_accept_risk=settings.max_accept_risk, seed=seed)
     validation = encode_validation_outputs(candidate["valid"].probs, candidate["valid"].labels)
     # An earlier attempt may have died after writing `final` and before the commit: it is derived from this
     # attempt's checkpoint, so rebuild it rather than fail on a non-empty directory.

@@ -25,7 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from app.config import Settings
 from app.db import Database
-from app.orm import Dataset, ModelVersion, Resolution, TrainingJob, Verification, utcnow
+from app.orm import Dataset, ModelVersion, Resolution, TrainingJob, Verification, json_time, utcnow
 from app.services.cost_matrices import cost_matrix_of
 from app.services.datasets import link_or_copy
 from app.services.model_registry import checkpoint_path
@@ -278,7 +278,7 @@ class Hooks:
         A database error (busy, briefly unreachable) does not: training goes on, and the next write
         carries these columns too (the epoch checkpoint's `resume_path` must reach the row eventually).
         """
-        self.progress["updated_at"] = utcnow().isoformat(timespec="seconds")
+        self.progress["updated_at"] = json_time(utcnow())
         self._unwritten.update(values)
         try:
             leases.write(self.database, self.lease, progress=dict(self.progress), **self._unwritten)

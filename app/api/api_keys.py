@@ -27,6 +27,12 @@ def create_key(body: ApiKeyCreate, actor: AdminActor, session: SessionDep, respo
     return ApiKeyCreated(**_read(key).model_dump(), key=token)
 
 
+@router.get("/{key_id}", response_model=ApiKeyRead, responses=problem_responses(404))
+def get_key(key_id: IdPath, _actor: AdminActor, session: SessionDep) -> ApiKeyRead:
+    """One key, without its secret (where a new key's Location header points)."""
+    return _read(service.get_api_key(session, key_id))
+
+
 @router.post("/{key_id}/revoke", response_model=ApiKeyRead, responses=problem_responses(404, 409))
 def revoke_key(key_id: IdPath, actor: AdminActor, session: SessionDep, body: ApiKeyRevoke | None = None) -> ApiKeyRead:
     """Revoke a key: from now on it gets 401."""

@@ -131,7 +131,7 @@ def export_csv(version: VersionPath, _actor: PharmacistActor, session: SessionDe
                     headers={"Content-Disposition": f'attachment; filename="cost-matrix-v{found.id}.csv"'})
 
 
-@router.post("/{version}/activate", response_model=CostMatrixRead)
+@router.post("/{version}/activate", response_model=CostMatrixRead, responses=problem_responses(409))
 def activate(version: VersionPath, actor: PharmacistActor, session: SessionDep,
              body: ActivateRequest | None = None) -> CostMatrixRead:
     """Make this version the one verifications and new training jobs use."""

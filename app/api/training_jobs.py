@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 
 from app.api.deps import KeyFirstRoute, PharmacistActor, SessionDep, SettingsDep
 from app.orm import Role, TrainingJob
-from app.schemas.common import IdPath, problem_responses
+from app.schemas.common import IdPath, IdQuery, problem_responses
 from app.schemas.training_jobs import (
     HyperparameterDefaults,
     JobStatus,
@@ -94,7 +94,7 @@ def create_job(body: TrainingJobCreate, actor: PharmacistActor, session: Session
 @router.get("", response_model=list[TrainingJobRead])
 def list_jobs(actor: PharmacistActor, session: SessionDep, status: JobStatus | None = None,
               limit: Annotated[int, Query(ge=1, le=200)] = 50,
-              before_id: Annotated[int | None, Query(ge=1)] = None) -> list[TrainingJobRead]:
+              before_id: IdQuery = None) -> list[TrainingJobRead]:
     """Jobs, newest first; page with `before_id` (the smallest id of the previous page)."""
     return [job_read(job, actor) for job in service.list_jobs(session, status=status, limit=limit, before_id=before_id)]
 

@@ -18,7 +18,7 @@ from app.errors import DomainError
 from app.inference.images import ImageLimits, decode_image
 from models.checkpoint import CheckpointError, CheckpointMetadata, load_checkpoint, read_validation_outputs
 from models.costs import CostMatrix
-from models.decision import Decision, VerdictPolicy, decide, refit_policy
+from models.decision import Decision, VerdictPolicy, decide, refit_policy, with_accept_ceiling
 from models.evaluate import probabilities_from_outputs
 from models.runtime import autocast_context, channels_last_input, prepare_for_inference
 from models.transforms import EvalPreset
@@ -57,19 +57,21 @@ class ServedModel:
     _policies: dict[str, tuple[VerdictPolicy, bool]] = field(default_factory=dict, repr=False)
     _policies_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def policy_for(self, cost_matrix: CostMatrix, *, critical_cost: float) -> tuple[VerdictPolicy, bool]:
+    def policy_for(self, cost_matrix: CostMatrix, *, critical_cost: float,
+                   max_accept_risk: float | None) -> tuple[VerdictPolicy, bool]:
         """`policy_for_costs` for this model, cached per process for the last 8 cost matrices.
 
         The stored policy was fitted for the job's cost matrix. When a pharmacist has since activated
         another one, the thresholds and conformal alphas are refitted for it on the stored validation
         outputs, so the risk and its threshold speak of the same costs.
         """
-        key = cost_matrix.fingerprint()
+        key = f"{cost_matrix.fingerprint()}:{max_accept_risk!r}"
         with self._policies_lock:
             if key in self._policies:
                 return self._policies[key]
             found = policy_for_costs(self.policy, self.validation, cost_matrix, classes=self.classes,
-                                     critical_cost=critical_cost, label=self.version)
+                                     critical_cost=critical_cost, max_accept_risk=max_accept_risk,
+                                     label=self.version)
             while len(self._policies) >= _REFITS_KEPT:
                 self._policies.pop(next(iter(self._policies)))
             self._policies[key] = found
@@ -104,19 +106,20 @@ class Prediction:
     served: ServedModel = field(repr=False)
 
     def decide(self, *, prescribed: str, cost_matrix: CostMatrix, critical_cost: float,
-               top_k: int = 3) -> tuple[Decision, bool]:
+               max_accept_risk: float | None = None, top_k: int = 3) -> tuple[Decision, bool]:
         """The verdict against a prescribed product key, and whether its policy was fitted for these costs.
 
         The active cost matrix is reindexed to the model's classes when needed (unknown pairs cost the
         default). The policy is this model version's, fitted (or refitted) for that matrix: see
         `ServedModel.policy_for`. A model stored without a fitted policy gets `VerdictPolicy.review_only`,
         whose `critical_cost` is the one given here; a fitted policy keeps the level it was fitted for.
+        No fill whose expected accept cost exceeds `max_accept_risk` (RXVERIFY_MAX_ACCEPT_RISK) is accepted.
         """
         if prescribed not in self.classes:
             raise ProductNotServed(f"model {self.model_version} was not trained on product {prescribed}; "
                                    "a pharmacist must check this bottle", extra={"prescribed_ndc": prescribed})
         costs = cost_matrix if cost_matrix.classes == self.classes else cost_matrix.reindexed(self.classes)
-        policy, fitted = self.served.policy_for(costs, critical_cost=critical_cost)
+        policy, fitted = self.served.policy_for(costs, critical_cost=critical_cost, max_accept_risk=max_accept_risk)
         decision = decide(self.probs, prescribed_index=self.classes.index(prescribed), cost_matrix=costs,
                           policy=policy, classes=self.classes, top_k=top_k)
         return decision, fitted
@@ -124,32 +127,39 @@ class Prediction:
 
 def policy_for_costs(policy: VerdictPolicy | None, validation: tuple[np.ndarray, np.ndarray] | None,
                      cost_matrix: CostMatrix, *, classes: tuple[str, ...], critical_cost: float,
-                     label: str) -> tuple[VerdictPolicy, bool]:
+                     max_accept_risk: float | None, label: str) -> tuple[VerdictPolicy, bool]:
     """A model's verdict policy for `cost_matrix` (over `classes`), and whether it was fitted for it.
 
-    The stored `policy` when it was fitted for these costs; else refitted on the stored `validation`
-    outputs; else (none stored, or the refit failed: logged) the stored policy, marked False. No stored
-    policy, or a review-only one, gives a policy that never auto-accepts.
+    The stored `policy` when it was fitted for these costs and its accept threshold is within
+    `max_accept_risk`; else refitted on the stored `validation` outputs (with that ceiling); else (none
+    stored, or the refit failed: logged) the stored policy with its threshold lowered to the ceiling,
+    marked fitted only if it was fitted for these costs. No stored policy, or a review-only one, gives a
+    policy that never auto-accepts.
     """
     if policy is None:
         return VerdictPolicy.review_only(classes, critical_cost=critical_cost), False
     if not policy.accepts:  # stored review-only (validation too small to fit): nothing to refit
         return policy, False
     key = cost_matrix.fingerprint()
-    if policy.report.get("cost_matrix_sha256") == key:
-        return policy, True
+    same_costs = policy.report.get("cost_matrix_sha256") == key
+    if same_costs and (max_accept_risk is None or policy.accept_risk <= max_accept_risk):
+        return policy, True  # what a refit would give: the ceiling does not bind
+    capped = policy if max_accept_risk is None else with_accept_ceiling(policy, max_accept_risk)
     if validation is None:
-        logger.warning("model %s: its verdict policy was fitted for another cost matrix and the checkpoint holds "
-                       "no usable validation outputs to refit it; thresholds of the old costs are used", label)
-        return policy, False
+        if not same_costs:
+            logger.warning("model %s: its verdict policy was fitted for another cost matrix and the checkpoint "
+                           "holds no usable validation outputs to refit it; thresholds of the old costs are used",
+                           label)
+        return capped, same_costs
     try:
-        refitted = refit_policy(policy, *validation, cost_matrix=cost_matrix)
+        refitted = refit_policy(policy, *validation, cost_matrix=cost_matrix, max_accept_risk=max_accept_risk)
     except (ValueError, KeyError, TypeError):
         logger.exception("model %s: refitting the verdict policy for cost matrix %s failed; thresholds of the "
                          "old costs are used", label, key[:12])
-        return policy, False
-    logger.info("model %s: verdict policy refitted for cost matrix %s (accept_risk %.6g -> %.6g)",
-                label, key[:12], policy.accept_risk, refitted.accept_risk)
+        return capped, same_costs
+    logger.info("model %s: verdict policy refitted for cost matrix %s under the accept-risk ceiling %s "
+                "(accept_risk %.6g -> %.6g)", label, key[:12], max_accept_risk, policy.accept_risk,
+                refitted.accept_risk)
     return refitted, True
 
 

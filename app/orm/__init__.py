@@ -8,7 +8,7 @@ from app.orm.costs import CostMatrixEntry, CostMatrixVersion
 from app.orm.registry import Dataset, ModelPromotion, ModelVersion
 from app.orm.state import ACTIVE_STATE_ID, ActiveState
 from app.orm.training import JOB_STATUSES, TrainingJob
-from app.orm.types import UTCDateTime, utcnow
+from app.orm.types import UTCDateTime, json_time, utcnow
 from app.orm.verifications import Resolution, Verification
 
 __all__ = [
@@ -29,5 +29,6 @@ __all__ = [
     "TrainingJob",
     "UTCDateTime",
     "Verification",
+    "json_time",
     "utcnow",
 ]

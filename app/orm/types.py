@@ -15,6 +15,14 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def json_time(value: datetime) -> str:
+    """A timestamp as the API writes every one: ISO 8601 in UTC with a `Z` (what pydantic's schemas emit),
+    for the bodies built by hand (a verification's stored answer, a job's progress)."""
+    if value.tzinfo is None:
+        raise ValueError("naive datetimes are ambiguous; pass a timezone-aware datetime")
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
 class UTCDateTime(TypeDecorator[datetime]):
     """A timestamp stored in UTC and always read back timezone-aware (SQLite drops the zone otherwise)."""
 

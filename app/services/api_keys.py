@@ -48,11 +48,17 @@ def list_api_keys(session: Session, *, include_revoked: bool = True) -> list[Api
     return list(session.scalars(query))
 
 
-def revoke_api_key(session: Session, *, key_id: int, actor: Actor, reason: str | None = None) -> ApiKey:
-    """Revoke a key; it then answers 401. Revoking twice is a conflict."""
+def get_api_key(session: Session, key_id: int) -> ApiKey:
+    """One key by id (404 `api-key-not-found`)."""
     key = session.get(ApiKey, key_id)
     if key is None:
         raise NotFound(f"API key {key_id} does not exist", slug="api-key-not-found")
+    return key
+
+
+def revoke_api_key(session: Session, *, key_id: int, actor: Actor, reason: str | None = None) -> ApiKey:
+    """Revoke a key; it then answers 401. Revoking twice is a conflict."""
+    key = get_api_key(session, key_id)
     if key.revoked_at is not None:
         raise Conflict(f"API key {key_id} is already revoked", slug="api-key-revoked")
     key.revoked_at = utcnow()

@@ -145,10 +145,14 @@ def create_version(session: Session, *, parent_version: int | None, reason: str,
 
 def import_csv(session: Session, *, parent_version: int | None, reason: str, text: str, actor: Actor,
                max_cost: float) -> CostMatrixVersion:
-    """A new version holding exactly the CSV's costs (header `true_ndc,predicted_ndc,cost`; unlisted = 1)."""
-    classes = sorted(catalog_keys(session))
+    """A new version holding exactly the CSV's costs (header `true_ndc,predicted_ndc,cost`; unlisted = 1).
+
+    NDCs may be written in any form the JSON edits accept (`resolve_ndc` against the catalog)."""
+    catalog = catalog_keys(session)
+    classes = sorted(catalog)
     try:
-        matrix = CostMatrix.read_csv(io.StringIO(text), classes, max_cost=max_cost)
+        matrix = CostMatrix.read_csv(io.StringIO(text), classes, max_cost=max_cost,
+                                     resolve=lambda ndc: resolve_ndc(ndc, catalog).product_key)
     except CostMatrixError as exc:
         field = f"row {exc.row}" if exc.row is not None else "csv"
         pair = f" ({exc.true} -> {exc.predicted})" if exc.true is not None else ""

@@ -186,7 +186,8 @@ def policy_under(session: Session, settings: Settings, *, model_version_id: int,
     validation = validation_outputs(checkpoint_path(settings, version), version.decision or {},
                                     num_classes=len(classes), policy=stored)
     policy, fitted = policy_for_costs(stored, validation, costs, classes=classes,
-                                      critical_cost=settings.critical_cost_threshold, label=str(version.id))
+                                      critical_cost=settings.critical_cost_threshold,
+                                      max_accept_risk=settings.max_accept_risk, label=str(version.id))
     return {"model_version": version.id, "cost_matrix_version": matrix_version.id, "fitted_for_cost_matrix": fitted,
             "refitted": fitted and policy is not stored, "accept_risk": policy.accept_risk,
             "mismatch_probability": policy.mismatch_probability, "critical_cost": policy.critical_cost,

@@ -95,8 +95,8 @@ def list_verifications(session: Session, *, filters: LogFilter, limit: int,
 
 
 def get_verification(session: Session, verification_id: str) -> Verification:
-    """One record by id (404 `verification-not-found`)."""
-    row = session.get(Verification, verification_id)
+    """One record by id (404 `verification-not-found`); ids are UUIDs, so letter case does not matter."""
+    row = session.get(Verification, verification_id.lower())
     if row is None:
         raise NotFound(f"verification {verification_id} does not exist", slug="verification-not-found")
     return row

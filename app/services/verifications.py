@@ -37,7 +37,7 @@ from app.errors import FieldError, InvalidInput, ServiceUnavailable
 from app.inference.images import ImageLimits, sniff_format
 from app.inference.served import Prediction, ProductNotServed, ServedModel
 from app.ndc import NdcError, resolve_ndc
-from app.orm import Product, Verification, utcnow
+from app.orm import Product, Verification, json_time, utcnow
 from app.services.cost_matrices import active_version_id, cost_matrix_of
 from app.services.model_registry import model_version_id_of_label
 from app.services.products import ndc_field_error
@@ -227,7 +227,7 @@ def response_body(row: Verification, *, decision: Decision, model_sha256: str,
             "conformal_set": list(decision.conformal_set), "model_version": row.model_version_id,
             "model_sha256": model_sha256, "cost_matrix_version": row.cost_matrix_version_id,
             "client_reference": row.client_reference, "image_sha256": row.image_sha256,
-            "created_at": row.created_at.isoformat()}
+            "created_at": json_time(row.created_at)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,7 +262,8 @@ def conclude(session: Session, *, settings: Settings, prepared: Prepared, predic
     # The serving version's own policy, refitted for this cost matrix if it was fitted for another one;
     # a model without one never auto-accepts (review_only).
     decision, policy_fitted = prediction.decide(prescribed=prepared.prescribed_ndc, cost_matrix=matrix,
-                                                critical_cost=settings.critical_cost_threshold, top_k=TOP_K)
+                                                critical_cost=settings.critical_cost_threshold,
+                                                max_accept_risk=settings.max_accept_risk, top_k=TOP_K)
     image_path, created = (retain_image(settings, data=image, sha256=prepared.image_sha256,
                                         image_format=image_info.format)
                            if settings.retain_images else (None, False))

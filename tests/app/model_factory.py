@@ -61,7 +61,7 @@ def simulated_validation(classes: Sequence[str], *, per_class: int = 12, seed: i
 
 
 def make_checkpoint(directory: Path, *, classes: Sequence[str] = SERVED_CLASSES, favourite: str = FAVOURITE,
-                    confidence: float = 0.9, image_size: int = 32, fitted: bool = True, seed: int = 0,
+                    confidence: float = 0.98, image_size: int = 32, fitted: bool = True, seed: int = 0,
                     arch: str = "tiny_cnn", store_validation: bool = True) -> Path:
     """Save a rigged checkpoint (see the module docstring); `fitted=False` stores no verdict policy.
 

@@ -90,6 +90,25 @@ def test_csv_import_replaces_the_whole_matrix(any_env: ApiEnv) -> None:
     assert audit.json()["items"][0]["entity_id"] == "2"
 
 
+def test_csv_import_takes_every_ndc_form_the_json_edits_take(any_env: ApiEnv) -> None:
+    client, pharmacist = any_env.client, any_env.as_role("pharmacist")
+    csv_headers = {**pharmacist, "Content-Type": "text/csv"}
+    # Trazodone -> glipizide written as 5-4-2 and 11 digits, amiodarone -> allopurinol as 4-4-2 and 5-3-2.
+    text = ("true_ndc,predicted_ndc,cost\n50111-0434-01,00591046101,12\n"
+            "68382-0227-06,53489-156-01,9\n")
+    imported = client.post(f"{BASE}/import", params={"parent_version": 1, "reason": "pharmacy system export"},
+                           content=text, headers=csv_headers)
+    assert imported.status_code == 201, imported.text
+    cells = {(e["true_ndc"], e["predicted_ndc"]): e["cost"] for e in imported.json()["entries"]}
+    assert cells == {("50111-0434", "00591-0461"): 12.0, ("68382-0227", "53489-0156"): 9.0}
+    for body, message in (("true_ndc,predicted_ndc,cost\n99999-0001-01,00591-0461,3\n", "not in the catalog"),
+                          ("true_ndc,predicted_ndc,cost\n50111-0434,00591-0461,3\n50111-0434-01,00591-0461,4\n",
+                           "pair listed twice")):
+        refused = client.post(f"{BASE}/import", params={"parent_version": 2, "reason": "x"}, content=body,
+                              headers=csv_headers)
+        assert refused.status_code == 422 and message in refused.json()["detail"], refused.text
+
+
 def test_versions_can_be_rolled_back_by_activation(any_env: ApiEnv) -> None:
     client, pharmacist = any_env.client, any_env.as_role("pharmacist")
     assert client.post(BASE, json=edit(1, change(FURO, GLIP, 2)), headers=pharmacist).status_code == 201

@@ -69,7 +69,9 @@ def test_ids_beyond_the_integer_range_are_422(any_env: ApiEnv, number: int) -> N
                         ("get", f"/v1/admin/training-jobs/{number}"),
                         ("get", f"/v1/verifications?model_version={number}"),
                         ("get", f"/v1/admin/audit-log?before_id={number}"),
-                        ("get", f"/v1/admin/models/promotions?before_id={number}")):
+                        ("get", f"/v1/admin/models/promotions?before_id={number}"),
+                        ("get", f"/v1/admin/training-jobs?before_id={number}"),
+                        ("get", f"/v1/admin/api-keys/{number}")):
         _problem(getattr(any_env.client, method)(url, headers=admin), 422)
     _problem(any_env.client.post("/v1/admin/cost-matrices", headers=admin, json=_edit("x", parent=number)), 422)
     _problem(any_env.client.post("/v1/admin/training-jobs", headers=admin,

@@ -41,6 +41,17 @@ def served(seeded_sqlite_template: tuple[Path, dict[Role, str]], tmp_path: Path,
     return ApiEnv(settings, make_client(settings), dict(keys))
 
 
+@pytest.fixture
+def served_uncapped(seeded_sqlite_template: tuple[Path, dict[Role, str]], tmp_path: Path, make_client: Any,
+                    checkpoint_root: Path) -> ApiEnv:
+    """`served` with RXVERIFY_MAX_ACCEPT_RISK above every fitted threshold (this model's is 0.71, fitted on
+    rough simulated outputs), for tests of the thresholds fitted and refitted on validation themselves."""
+    template, keys = seeded_sqlite_template
+    settings = served_settings(template, tmp_path / "data", checkpoint=cached_checkpoint(checkpoint_root),
+                               max_accept_risk=10.0)
+    return ApiEnv(settings, make_client(settings), dict(keys))
+
+
 def rows(settings: Any) -> list[Verification]:
     database = Database(settings)
     try:
@@ -58,12 +69,42 @@ def test_ready_and_a_match_with_every_field(served: ApiEnv) -> None:
     body = response.json()
     assert body["verdict"] == "match" and body["reason"] == "accepted"
     assert body["prescribed_ndc"] == FAVOURITE and body["prescribed_ndc_input"] == "0378-0208-01"
-    assert body["predicted_ndc"] == FAVOURITE and body["probability_prescribed"] == pytest.approx(0.9, abs=1e-4)
+    assert body["predicted_ndc"] == FAVOURITE and body["probability_prescribed"] == pytest.approx(0.98, abs=1e-4)
     assert 0 < body["expected_accept_cost"] < 1
-    assert body["top"][0] == {"ndc": FAVOURITE, "probability": pytest.approx(0.9, abs=1e-4)} and len(body["top"]) == 5
+    assert body["top"][0] == {"ndc": FAVOURITE, "probability": pytest.approx(0.98, abs=1e-4)} and len(body["top"]) == 5
     assert FAVOURITE in body["conformal_set"]
     assert body["model_version"] == 1 and body["cost_matrix_version"] == 1 and len(body["model_sha256"]) == 64
     assert body["client_reference"] == "tx-1" and body["id"] and body["created_at"]
+
+
+@pytest.mark.parametrize("ceiling", [None, 0.2])
+def test_no_match_is_riskier_than_the_accept_ceiling(seeded_sqlite_template: tuple[Path, dict[Role, str]],
+                                                     tmp_path: Path, make_client: Any, checkpoint_root: Path,
+                                                     ceiling: float | None) -> None:
+    """RXVERIFY_MAX_ACCEPT_RISK caps the threshold fitted on validation. This model's fitted threshold is 0.71
+    (its simulated validation outputs are rough), so a fill with a 1 in 10 chance of being another product
+    (expected cost 0.15) was a match; under the default ceiling (0.05) it goes to review, unless an
+    operator raises the ceiling."""
+    template, keys = seeded_sqlite_template
+    overrides = {} if ceiling is None else {"max_accept_risk": ceiling}
+    settings = served_settings(template, tmp_path / "data", checkpoint=cached_checkpoint(checkpoint_root, confidence=0.9),
+                               **overrides)
+    client = make_client(settings)
+    body = post_verification(client, keys[Role.CLIENT], image=jpeg_photo()).json()
+    assert body["probability_prescribed"] == pytest.approx(0.9, abs=1e-4) and body["predicted_ndc"] == FAVOURITE
+    # The model serves 19 products: 17 at cost 1 and one critical substitute (cost 10) share the other 0.1.
+    assert body["expected_accept_cost"] == pytest.approx(0.1 / 18 * 27, abs=1e-4)
+    if ceiling is None:
+        assert settings.max_accept_risk == 0.05
+        assert (body["verdict"], body["reason"]) == ("review", "accept-risk-too-high")
+        assert body["accept_risk_threshold"] == 0.05
+    else:
+        assert (body["verdict"], body["reason"]) == ("match", "accepted")
+        assert body["accept_risk_threshold"] == 0.2
+    assert body["policy_fitted_for_cost_matrix"] is True
+    # The policy a pharmacist reads for this model is the one the verdict was held to.
+    policy = client.get("/v1/admin/models/1/policy", headers={"X-API-Key": keys[Role.PHARMACIST]}).json()
+    assert policy["accept_risk"] == body["accept_risk_threshold"]
 
 
 def test_mismatch_names_the_likely_content(served: ApiEnv) -> None:
@@ -145,11 +186,12 @@ def _activate_edit(env: ApiEnv, *changes: dict[str, Any]) -> int:
     return version
 
 
-def test_a_cost_change_refits_the_thresholds_for_the_next_verdict(served: ApiEnv, checkpoint_root: Path) -> None:
+def test_a_cost_change_refits_the_thresholds_for_the_next_verdict(served_uncapped: ApiEnv, checkpoint_root: Path) -> None:
     from models.checkpoint import read_metadata
     from models.decision import VerdictPolicy, refit_policy
     from tests.app.model_factory import SERVED_CLASSES, expert_costs, simulated_validation
 
+    served = served_uncapped
     stored = VerdictPolicy.from_dict(read_metadata(cached_checkpoint(checkpoint_root)).decision)
     first = post_verification(served.client, served.keys[Role.CLIENT], image=jpeg_photo(), ndc=FAVOURITE).json()
     assert first["policy_fitted_for_cost_matrix"] is True
@@ -185,11 +227,12 @@ def test_a_checkpoint_without_validation_outputs_says_its_thresholds_are_for_oth
 
 
 def test_a_pharmacist_reads_the_thresholds_a_cost_edit_would_bring_before_activating_it(
-        served: ApiEnv, checkpoint_root: Path) -> None:
+        served_uncapped: ApiEnv, checkpoint_root: Path) -> None:
     from models.checkpoint import read_metadata
     from models.decision import VerdictPolicy, refit_policy
     from tests.app.model_factory import SERVED_CLASSES, expert_costs, simulated_validation
 
+    served = served_uncapped
     stored = VerdictPolicy.from_dict(read_metadata(cached_checkpoint(checkpoint_root)).decision)
     pharmacist = served.as_role("pharmacist")
     now = served.client.get("/v1/admin/models/1/policy", headers=pharmacist)

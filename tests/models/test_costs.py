@@ -131,3 +131,20 @@ def test_single_pair_and_reindex() -> None:
     assert reordered.cost("a", "c") == 1
     assert reordered.cost("b", "a") == 0
     assert matrix.fingerprint() != reordered.fingerprint()
+
+
+def test_read_csv_resolves_names_through_the_given_function() -> None:
+    aliases = {"alpha": "A", "A": "A", "bee": "B", "B": "B", "C": "C"}
+
+    def resolve(name: str) -> str:
+        if name not in aliases:
+            raise ValueError("no such product")
+        return aliases[name]
+
+    matrix = CostMatrix.read_csv(["true,predicted,cost", "alpha,bee,7", "C,A,2"], ("A", "B", "C"), resolve=resolve)
+    assert matrix.cost("A", "B") == 7.0 and matrix.cost("C", "A") == 2.0
+    with pytest.raises(CostMatrixError, match="no such product") as caught:
+        CostMatrix.read_csv(["true,predicted,cost", "alpha,bee,7", "dee,A,2"], ("A", "B", "C"), resolve=resolve)
+    assert caught.value.row == 3
+    with pytest.raises(CostMatrixError, match="listed twice"):
+        CostMatrix.read_csv(["true,predicted,cost", "alpha,bee,7", "A,B,2"], ("A", "B", "C"), resolve=resolve)

@@ -22,6 +22,7 @@ from models.decision import (
     fit_policy,
     refit_policy,
     split_validation,
+    with_accept_ceiling,
 )
 
 CLASSES = ("A", "B", "C")
@@ -306,3 +307,32 @@ def test_refit_for_the_same_costs_gives_the_same_policy_and_for_new_costs_follow
     assert refit.report["critical_accepts"] == 0
     with pytest.raises(ValueError, match="fitted"):
         refit_policy(VerdictPolicy.review_only(classes, critical_cost=5.0), probs, labels, cost_matrix=after)
+
+
+def test_an_accept_ceiling_caps_the_fitted_threshold_in_a_refit_or_without_one() -> None:
+    """RXVERIFY_MAX_ACCEPT_RISK: a refit takes the smaller of the stored ceiling and the new one; without
+    validation outputs the stored threshold is lowered and the report says its rates are the fitted ones."""
+    rng = np.random.default_rng(5)
+    k = 6
+    classes = tuple(f"P{i}" for i in range(k))
+    probs, labels = synthetic_probs(rng, 60, k, strength=1.0)  # a weak model: a high fitted threshold
+    matrix = CostMatrix.from_pairs(classes, {("P1", "P0"): 10.0})
+    policy = fit_policy(probs, labels, cost_matrix=matrix, critical_cost=5.0, classes=classes, seed=1)
+    assert policy.accept_risk > 0.3 and policy.report["max_accept_risk"] is None
+    capped = refit_policy(policy, probs, labels, cost_matrix=matrix, max_accept_risk=0.05)
+    assert capped.accept_risk == 0.05 and capped.report["max_accept_risk"] == 0.05
+    # Fewer fills accepted, all of them below the ceiling, and the report measured at the new threshold.
+    assert capped.report["accept_rate_correct_fills"] < policy.report["accept_rate_correct_fills"]
+    assert capped.report["wrong_accepts"] < policy.report["wrong_accepts"]
+    looser = refit_policy(capped, probs, labels, cost_matrix=matrix, max_accept_risk=0.5)
+    assert looser.accept_risk == 0.05  # a stored ceiling is never loosened by a refit
+    assert refit_policy(policy, probs, labels, cost_matrix=matrix, max_accept_risk=10.0) == policy
+    lowered = with_accept_ceiling(policy, 0.05)
+    assert lowered.accept_risk == 0.05 and lowered.report["accept_risk_fitted"] == policy.accept_risk
+    assert lowered.qhat == policy.qhat and lowered.mismatch_probability == policy.mismatch_probability
+    assert with_accept_ceiling(policy, 10.0) is policy
+    review_only = VerdictPolicy.review_only(classes, critical_cost=5.0)
+    assert with_accept_ceiling(review_only, 0.05) is review_only
+    for probs_row, r in ((probs[i], int(labels[i])) for i in range(len(labels))):
+        risky = decide(probs_row, prescribed_index=r, cost_matrix=matrix, policy=lowered, classes=classes)
+        assert risky.verdict != "match" or risky.expected_accept_cost <= 0.05

@@ -56,6 +56,10 @@ def test_a_csada_job_succeeds_and_registers_a_model_with_metrics(fleet: Fleet) -
         assert {row["metric"] for row in tables["table5"]} >= {"Total cost", "Overall accuracy (%)"}
         assert all({"parent", "candidate"} <= set(row) for row in tables["table5"] + tables["table6"])
     assert model["decision"]["classes"] and model["temperature"] > 0
+    # Fitted under RXVERIFY_MAX_ACCEPT_RISK (default 0.05); the job's summary names the rates it gives.
+    assert model["decision"]["accept_risk"] <= fleet.settings.max_accept_risk == 0.05
+    assert model["decision"]["report"]["max_accept_risk"] == 0.05
+    assert {"review_rate_correct_fills", "wrong_accepts", "critical_accepts", "max_accept_risk"} <= set(result["decision"])
     # The validation outputs the policy was fitted on are stored beside the weights, to refit it for new costs.
     stored = fleet.settings.checkpoints_dir / model["sha256"] / "validation.safetensors"
     assert hashlib.sha256(stored.read_bytes()).hexdigest() == model["decision"]["validation_sha256"]
