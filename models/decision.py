@@ -380,14 +380,15 @@ def refit_policy(policy: VerdictPolicy, probs_valid: Any, labels_valid: Any, *,
     The thresholds and the conformal alphas depend on the costs (alpha_y shrinks for products whose
     confusions are costly; `accept_risk` is bounded by the cheapest critical wrong fill), so a policy
     fitted for one cost matrix is not the policy for another. Refitting with the matrix a policy was
-    fitted for returns an equal policy. `max_accept_risk` adds a ceiling: the refit uses the smaller of it
-    and the one the policy was fitted with. Raises ValueError for a policy that was never fitted.
+    fitted for returns an equal policy. `max_accept_risk` replaces the ceiling the policy was fitted under
+    (None keeps it), so a ceiling an operator raises or lowers applies to models fitted before. Raises
+    ValueError for a policy that was never fitted.
     """
     report = policy.report
     if not policy.accepts or not report.get("fitted"):
         raise ValueError("only a fitted verdict policy can be refitted")
-    ceilings = [float(v) for v in (report.get("max_accept_risk"), max_accept_risk) if v is not None]
-    max_accept_risk = min(ceilings) if ceilings else None
+    if max_accept_risk is None and report.get("max_accept_risk") is not None:
+        max_accept_risk = float(report["max_accept_risk"])
     return fit_policy(probs_valid, labels_valid, cost_matrix=cost_matrix, critical_cost=policy.critical_cost,
                       classes=policy.classes, base_alpha=float(report["base_alpha"]),
                       wrong_fill_rate=float(report["wrong_fill_rate"]),

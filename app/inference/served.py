@@ -130,11 +130,11 @@ def policy_for_costs(policy: VerdictPolicy | None, validation: tuple[np.ndarray,
                      max_accept_risk: float | None, label: str) -> tuple[VerdictPolicy, bool]:
     """A model's verdict policy for `cost_matrix` (over `classes`), and whether it was fitted for it.
 
-    The stored `policy` when it was fitted for these costs and its accept threshold is within
-    `max_accept_risk`; else refitted on the stored `validation` outputs (with that ceiling); else (none
-    stored, or the refit failed: logged) the stored policy with its threshold lowered to the ceiling,
-    marked fitted only if it was fitted for these costs. No stored policy, or a review-only one, gives a
-    policy that never auto-accepts.
+    The stored `policy` when it was fitted for these costs under the ceiling `max_accept_risk` (or under
+    none, and the ceiling does not bind); else refitted on the stored `validation` outputs under that
+    ceiling, which may raise or lower it; else (none stored, or the refit failed: logged) the stored
+    policy with its threshold lowered to the ceiling, marked fitted only if it was fitted for these costs.
+    No stored policy, or a review-only one, gives a policy that never auto-accepts.
     """
     if policy is None:
         return VerdictPolicy.review_only(classes, critical_cost=critical_cost), False
@@ -142,8 +142,10 @@ def policy_for_costs(policy: VerdictPolicy | None, validation: tuple[np.ndarray,
         return policy, False
     key = cost_matrix.fingerprint()
     same_costs = policy.report.get("cost_matrix_sha256") == key
-    if same_costs and (max_accept_risk is None or policy.accept_risk <= max_accept_risk):
-        return policy, True  # what a refit would give: the ceiling does not bind
+    fitted_under = policy.report.get("max_accept_risk")
+    if same_costs and (max_accept_risk is None or fitted_under == max_accept_risk
+                       or (fitted_under is None and policy.accept_risk <= max_accept_risk)):
+        return policy, True  # what a refit would give: fitted under this ceiling, or one that does not bind
     capped = policy if max_accept_risk is None else with_accept_ceiling(policy, max_accept_risk)
     if validation is None:
         if not same_costs:

@@ -310,8 +310,8 @@ def test_refit_for_the_same_costs_gives_the_same_policy_and_for_new_costs_follow
 
 
 def test_an_accept_ceiling_caps_the_fitted_threshold_in_a_refit_or_without_one() -> None:
-    """RXVERIFY_MAX_ACCEPT_RISK: a refit takes the smaller of the stored ceiling and the new one; without
-    validation outputs the stored threshold is lowered and the report says its rates are the fitted ones."""
+    """RXVERIFY_MAX_ACCEPT_RISK: a refit takes the ceiling given (raised or lowered); without validation
+    outputs the stored threshold is lowered and the report says its rates are the fitted ones."""
     rng = np.random.default_rng(5)
     k = 6
     classes = tuple(f"P{i}" for i in range(k))
@@ -324,8 +324,10 @@ def test_an_accept_ceiling_caps_the_fitted_threshold_in_a_refit_or_without_one()
     # Fewer fills accepted, all of them below the ceiling, and the report measured at the new threshold.
     assert capped.report["accept_rate_correct_fills"] < policy.report["accept_rate_correct_fills"]
     assert capped.report["wrong_accepts"] < policy.report["wrong_accepts"]
-    looser = refit_policy(capped, probs, labels, cost_matrix=matrix, max_accept_risk=0.5)
-    assert looser.accept_risk == 0.05  # a stored ceiling is never loosened by a refit
+    # A ceiling an operator raises applies to a policy fitted under a lower one (None keeps the stored one).
+    looser = refit_policy(capped, probs, labels, cost_matrix=matrix, max_accept_risk=0.3)
+    assert looser.accept_risk == 0.3 and looser.report["max_accept_risk"] == 0.3
+    assert refit_policy(capped, probs, labels, cost_matrix=matrix) == capped
     assert refit_policy(policy, probs, labels, cost_matrix=matrix, max_accept_risk=10.0) == policy
     lowered = with_accept_ceiling(policy, 0.05)
     assert lowered.accept_risk == 0.05 and lowered.report["accept_risk_fitted"] == policy.accept_risk
