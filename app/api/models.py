@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, BackgroundTasks, Query, Request
+from fastapi import APIRouter, BackgroundTasks, Query, Request, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.api.deps import AdminActor, KeyFirstRoute, PharmacistActor, SessionDep, SettingsDep
+from app.api.paging import NEXT_LINK_RESPONSE, link_next_page
 from app.config import Settings
 from app.errors import NotFound
 from app.orm import Dataset, ModelPromotion, ModelVersion, Role, TrainingJob
@@ -71,26 +72,29 @@ def _announce(request: Request, settings: Settings, model_version_id: int, actio
     promotion.publish_active_change(settings, model_version_id=model_version_id, action=action)
 
 
-@router.get("", response_model=list[ModelVersionSummary])
-def list_models(_actor: PharmacistActor, session: SessionDep, limit: Annotated[int, Query(ge=1, le=200)] = 50,
+@router.get("", response_model=list[ModelVersionSummary], responses=NEXT_LINK_RESPONSE)
+def list_models(_actor: PharmacistActor, session: SessionDep, request: Request, response: Response,
+                limit: Annotated[int, Query(ge=1, le=200)] = 50,
                 before_id: IdQuery = None) -> list[ModelVersionSummary]:
     """Model versions, newest first, each with headline metrics and the comparison with its parent."""
     query = select(ModelVersion).order_by(ModelVersion.id.desc()).limit(limit)
     if before_id is not None:
         query = query.where(ModelVersion.id < before_id)
     versions = list(session.scalars(query))
+    link_next_page(request, response, [v.id for v in versions], limit=limit)
     active = active_model_version(session)
     jobs = _jobs_by_version(session, [v.id for v in versions])
     return [ModelVersionSummary.model_validate(_summary(session, v, active_id=active.id if active else None,
                                                         job_id=jobs.get(v.id))) for v in versions]
 
 
-@router.get("/promotions", response_model=list[PromotionRead])
-def list_promotions(_actor: PharmacistActor, session: SessionDep, limit: Annotated[int, Query(ge=1, le=200)] = 50,
-                    before_id: IdQuery = None,
+@router.get("/promotions", response_model=list[PromotionRead], responses=NEXT_LINK_RESPONSE)
+def list_promotions(_actor: PharmacistActor, session: SessionDep, request: Request, response: Response,
+                    limit: Annotated[int, Query(ge=1, le=200)] = 50, before_id: IdQuery = None,
                     model_version: IdQuery = None) -> list[PromotionRead]:
     """The append-only history of promotions and rollbacks (refused automatic promotions included), newest first."""
     entries = promotion.history(session, limit=limit, before_id=before_id, model_version_id=model_version)
+    link_next_page(request, response, [entry.id for entry in entries], limit=limit)
     return [promotion_read(entry) for entry in entries]
 
 

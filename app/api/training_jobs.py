@@ -9,6 +9,7 @@ from fastapi import APIRouter, BackgroundTasks, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from app.api.deps import KeyFirstRoute, PharmacistActor, SessionDep, SettingsDep
+from app.api.paging import NEXT_LINK_RESPONSE, link_next_page
 from app.orm import Role, TrainingJob
 from app.schemas.common import IdPath, IdQuery, problem_responses
 from app.schemas.training_jobs import (
@@ -91,12 +92,14 @@ def create_job(body: TrainingJobCreate, actor: PharmacistActor, session: Session
                         headers={"Location": f"{router.prefix}/{job.id}"}, background=background)
 
 
-@router.get("", response_model=list[TrainingJobRead])
-def list_jobs(actor: PharmacistActor, session: SessionDep, status: JobStatus | None = None,
-              limit: Annotated[int, Query(ge=1, le=200)] = 50,
+@router.get("", response_model=list[TrainingJobRead], responses=NEXT_LINK_RESPONSE)
+def list_jobs(actor: PharmacistActor, session: SessionDep, request: Request, response: Response,
+              status: JobStatus | None = None, limit: Annotated[int, Query(ge=1, le=200)] = 50,
               before_id: IdQuery = None) -> list[TrainingJobRead]:
-    """Jobs, newest first; page with `before_id` (the smallest id of the previous page)."""
-    return [job_read(job, actor) for job in service.list_jobs(session, status=status, limit=limit, before_id=before_id)]
+    """Jobs, newest first; page with `before_id` (the smallest id of the previous page, or the Link header)."""
+    found = service.list_jobs(session, status=status, limit=limit, before_id=before_id)
+    link_next_page(request, response, [job.id for job in found], limit=limit)
+    return [job_read(job, actor) for job in found]
 
 
 @router.get("/defaults", response_model=HyperparameterDefaults)

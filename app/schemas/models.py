@@ -41,7 +41,8 @@ class ModelVersionSummary(BaseModel):
 
     id: int
     sha256: str
-    status: str = Field(description="candidate | promoted (served at some point) | retired (rolled back)")
+    status: str = Field(json_schema_extra={"enum": ["candidate", "promoted", "retired"]},
+                        description="candidate | promoted (served at some point) | retired (rolled back)")
     active: bool
     arch: str
     method: str

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from app.schemas.common import RequestModel
+from models.decision import REASONS
 
 Verdict = Literal["match", "mismatch", "review"]
 
@@ -25,10 +26,8 @@ class VerificationRead(BaseModel):
     id: str = Field(description="UUID of the audit record.")
     verdict: Verdict = Field(description="`match`: accept; `mismatch`: the bottle likely holds `predicted_ndc`; "
                                          "`review`: a pharmacist must check.")
-    reason: str = Field(examples=["accepted", "prescribed-implausible", "prescribed-not-top",
-                                  "accept-risk-too-high", "conformal-set-excludes-prescribed",
-                                  "conformal-set-ambiguous", "no-fitted-policy"],
-                        description="Machine-readable reason of the verdict.")
+    reason: str = Field(json_schema_extra={"enum": list(REASONS)}, examples=["accepted"],
+                        description="Machine-readable reason of the verdict (models.decision.REASONS).")
     prescribed_ndc: str = Field(description="The prescription's normalised product key.", examples=["00378-0208"])
     prescribed_ndc_input: str = Field(description="The NDC exactly as sent.", examples=["0378-0208-01"])
     predicted_ndc: str = Field(description="The most probable product in the photo.")

@@ -215,8 +215,10 @@ def _current_parent(session: Session, parent_version: int | None) -> CostMatrixV
 
 
 def _stale(parent_id: int | None, head: CostMatrixVersion) -> Conflict:
-    return Conflict(f"parent_version {parent_id} is stale: the newest version is {head.id}; "
-                    "re-read it and apply your changes to it", slug="stale-parent", title="Stale parent version",
+    stale = (f"parent_version {parent_id} is stale" if parent_id is not None else
+             "parent_version null is only for the first version")
+    return Conflict(f"{stale}: the newest version is {head.id}; re-read it and apply your changes to it",
+                    slug="stale-parent", title="Stale parent version",
                     extra={"parent_version": parent_id, "head_version": head.id})
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from app.orm import Role
+from models.decision import REASONS
 from tests.app.model_factory import cached_checkpoint, jpeg_photo, post_verification, served_settings
 from tests.conftest import ApiEnv
 
@@ -48,6 +49,19 @@ def test_every_error_is_documented_as_the_problem_json_it_is(env: ApiEnv) -> Non
     assert {"400", "401", "403", "413", "415", "422", "503"} <= set(verify)
     # Two activations at once: the loser is told so (409 active-changed), which the description now says.
     assert "409" in document["paths"]["/v1/admin/cost-matrices/{version}/activate"]["post"]["responses"]
+    # Closed sets a generated client can switch on; the lists paged by before_id declare their Link header.
+    assert schemas["VerificationRead"]["properties"]["reason"]["enum"] == list(REASONS)
+    assert schemas["ModelVersionSummary"]["properties"]["status"]["enum"] == ["candidate", "promoted", "retired"]
+    for path in ("/v1/admin/models", "/v1/admin/models/promotions", "/v1/admin/training-jobs"):
+        assert "Link" in document["paths"][path]["get"]["responses"]["200"]["headers"]
+
+
+def test_a_null_parent_after_the_first_version_says_so(env: ApiEnv) -> None:
+    answer = env.client.post("/v1/admin/cost-matrices", headers=env.as_role("pharmacist"), json={
+        "parent_version": None, "reason": "x",
+        "changes": [{"true_ndc": "00378-0208", "predicted_ndc": "00591-0461", "cost": 3}]})
+    assert answer.status_code == 409 and answer.json()["type"].endswith("/stale-parent")
+    assert "null is only for the first version" in answer.json()["detail"] and "None" not in answer.json()["detail"]
 
 
 def test_a_new_keys_location_can_be_read_back(env: ApiEnv) -> None:

@@ -139,8 +139,17 @@ def test_roles_list_get_and_not_found(jobs: JobEnv) -> None:
     ids = [jobs.post({"dataset": "tiny", "seed": seed, "hyperparameters": FAST}).json()["id"] for seed in range(3)]
     listed = jobs.client.get(URL, headers=jobs.headers()).json()
     assert [job["id"] for job in listed] == sorted(ids, reverse=True)
-    page = jobs.client.get(URL, params={"limit": 1, "before_id": ids[-1]}, headers=jobs.headers()).json()
-    assert [job["id"] for job in page] == [ids[-2]]
+    page = jobs.client.get(URL, params={"limit": 1, "before_id": ids[-1]}, headers=jobs.headers())
+    assert [job["id"] for job in page.json()] == [ids[-2]]
+    # A full page links the next one (RFC 8288), keeping the filters; the last, short page links none.
+    assert page.headers["Link"] == f'<{URL}?before_id={ids[-2]}&limit=1>; rel="next"'
+    pages, url = [], f"{URL}?limit=2"
+    while url:
+        answer = jobs.client.get(url, headers=jobs.headers())
+        pages.append([job["id"] for job in answer.json()])
+        link = answer.headers.get("Link")
+        url = link[1:link.index(">")] if link else ""
+    assert pages == [sorted(ids, reverse=True)[:2], sorted(ids, reverse=True)[2:]]
     assert jobs.client.get(URL, params={"status": "running"}, headers=jobs.headers()).json() == []
     missing = jobs.client.get(f"{URL}/999", headers=jobs.headers())
     assert missing.status_code == 404 and missing.json()["type"].endswith("/training-job-not-found")
