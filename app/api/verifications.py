@@ -58,9 +58,9 @@ product the photo most likely shows (`predicted_ndc`); `review` sends the bottle
 
 The verdict uses temperature-calibrated probabilities and the active cost matrix: the expected cost of
 accepting is `sum over y != prescribed of p(y) * cost(y, prescribed)`. Thresholds are fitted per model
-version on its validation split (no critical accept there, at the lowest review rate), and refitted for
-the active cost matrix when a pharmacist changes it (`accept_risk_threshold`,
-`policy_fitted_for_cost_matrix`).
+version on its validation split (no critical accept there, at the lowest review rate), never above
+`RXVERIFY_MAX_ACCEPT_RISK` (default 0.05), and refitted for the active cost matrix when a pharmacist
+changes it (`accept_risk_threshold`, `policy_fitted_for_cost_matrix`).
 
 **Conformal guarantee** (`conformal_set`): {CONFORMAL_GUARANTEE}
 
@@ -82,6 +82,8 @@ Problem types (`application/problem+json`, `type` = `https://rxverify.dev/proble
 | 422 | `image-empty` | the image file has no bytes |
 | 422 | `image-too-many-pixels` | the image declares more pixels than allowed (decompression bomb) |
 | 422 | `corrupt-image` | the image is truncated or corrupt |
+| 422 | `image-too-small` | a side of the image is shorter than `RXVERIFY_MIN_IMAGE_SIDE` pixels |
+| 422 | `image-blank` | the photo has next to no contrast (covered lens, white or black frame): retake it |
 | 422 | `malformed-ndc` | `prescribed_ndc` is not an NDC in any accepted form |
 | 422 | `ambiguous-ndc` | a bare 10-digit NDC that matches several catalog products |
 | 422 | `unknown-ndc` | a well-formed NDC whose product is not in the catalog |
@@ -91,6 +93,7 @@ Problem types (`application/problem+json`, `type` = `https://rxverify.dev/proble
 | 503 | `model-unavailable` | no model is loaded (see `/readyz`) |
 | 503 | `inference-queue-full` | too many requests in flight; retry after `Retry-After` seconds |
 | 503 | `cost-matrix-unavailable` | no cost-matrix version is active |
+| 503 | `database-unavailable` | the database is busy or unreachable; retry after `Retry-After` seconds |
 """
 
 _FORM_SCHEMA: dict[str, Any] = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {

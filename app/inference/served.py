@@ -92,7 +92,7 @@ class ServedModel:
         """Decode an upload (JPEG draft sized for this preset) and apply this model's EvalPreset."""
         image = decode_image(data, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels,
                              allowed_formats=limits.allowed_formats, draft_size=self.preset.draft_request,
-                             min_side=limits.min_side)
+                             min_side=limits.min_side, min_contrast=limits.min_contrast)
         return self.preset(image)
 
 

@@ -129,9 +129,22 @@ def jpeg_photo(*, size: tuple[int, int] = (96, 72), seed: int = 0, quality: int 
 
 
 def image_bytes(image_format: str, *, size: tuple[int, int] = (64, 48)) -> bytes:
-    """A small solid image in any Pillow format (PNG, WEBP, GIF, BMP ...)."""
+    """A small image in any Pillow format (PNG, WEBP, GIF, BMP ...): a gradient, since a solid one is blank."""
+    ramp = np.linspace(40, 220, size[0], dtype=np.float64)
+    pixels = np.broadcast_to(ramp[None, :, None], (size[1], size[0], 3)).astype(np.uint8)
     out = io.BytesIO()
-    Image.new("RGB", size, (120, 90, 60)).save(out, format=image_format)
+    Image.fromarray(np.ascontiguousarray(pixels)).save(out, format=image_format)
+    return out.getvalue()
+
+
+def blank_photo(colour: str = "white", *, size: tuple[int, int] = (200, 200), noise: float = 0.0) -> bytes:
+    """A PNG with nothing in it (a white or black frame), with Gaussian sensor noise of `noise` grey levels."""
+    rng = np.random.default_rng(0)
+    level = {"white": 255.0, "black": 0.0}[colour]
+    pixels = np.clip(level + rng.normal(0.0, noise, size=(size[1], size[0], 3)) if noise else
+                     np.full((size[1], size[0], 3), level), 0, 255).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
     return out.getvalue()
 
 

@@ -17,6 +17,7 @@ from tests.app.factories import count_rows
 from tests.app.model_factory import (
     FAVOURITE,
     NOT_SERVED,
+    blank_photo,
     cached_checkpoint,
     image_bytes,
     jpeg_photo,
@@ -81,6 +82,10 @@ UPLOAD_CASES: dict[str, tuple[dict[str, Any], int, str]] = {
     "1x3000 strip": (dict(image=jpeg_photo(size=(3000, 1))), 422, "image-too-small"),
     "31x200 photo": (dict(image=jpeg_photo(size=(31, 200))), 422, "image-too-small"),
     "oversized": (dict(image=b"\xff\xd8\xff" + b"\0" * (UPLOAD_LIMIT + 10)), 413, "image-too-large"),
+    # A covered lens or an empty white frame: the model would still name a product (once with `match`).
+    "white frame": (dict(image=blank_photo("white"), filename="bottle.png"), 422, "image-blank"),
+    "black frame with sensor noise": (dict(image=blank_photo("black", noise=1.0), filename="bottle.png"), 422,
+                                      "image-blank"),
     "unknown NDC": (dict(image=JPEG, ndc="12345-6789-01"), 422, "unknown-ndc"),
     "malformed NDC": (dict(image=JPEG, ndc="not-an-ndc"), 422, "malformed-ndc"),
     "NDC the model does not know": (dict(image=JPEG, ndc=NOT_SERVED), 422, "product-not-in-model"),
