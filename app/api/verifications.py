@@ -224,7 +224,8 @@ def _utc(value: datetime | None, field: str) -> datetime | None:
 def _resolution_read(resolution: Resolution, row: Verification) -> ResolutionRead:
     matches = None if resolution.actual_ndc is None else resolution.actual_ndc == row.prescribed_ndc
     return ResolutionRead(id=resolution.id, verification_id=row.id, actual_ndc=resolution.actual_ndc,
-                          checked_by=resolution.resolved_by, note=resolution.note, created_at=resolution.created_at,
+                          checked_by=resolution.resolved_by, recorded_by_key_id=resolution.resolved_by_key_id,
+                          note=resolution.note, created_at=resolution.created_at,
                           matches_prescription=matches,
                           labelled_example=row.image_path is not None and resolution.actual_ndc is not None)
 

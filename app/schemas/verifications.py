@@ -70,7 +70,9 @@ class ResolutionRead(BaseModel):
     id: int
     verification_id: str
     actual_ndc: str | None
-    checked_by: str
+    checked_by: str = Field(description="Who checked the bottle, as the pharmacist wrote it.")
+    recorded_by_key_id: int | None = Field(description="The API key the resolution was recorded with (see "
+                                                       "GET /v1/admin/api-keys/{id}).")
     note: str | None
     created_at: datetime
     matches_prescription: bool | None = Field(description="Whether the bottle held the prescribed product "

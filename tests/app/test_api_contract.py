@@ -100,3 +100,7 @@ def test_a_verification_reads_back_the_same_under_any_id_case(served: ApiEnv) ->
                                   json={"actual_ndc": body["prescribed_ndc"], "checked_by": "RPh 12"})
     assert resolved.status_code == 201, resolved.text
     assert resolved.json()["verification_id"] == body["id"]
+    # Who recorded it, beyond the free-text checked_by: the pharmacist's API key, which can be looked up.
+    key_id = resolved.json()["recorded_by_key_id"]
+    key = served.client.get(f"/v1/admin/api-keys/{key_id}", headers=served.as_role("admin")).json()
+    assert key["role"] == "pharmacist"
