@@ -58,7 +58,7 @@ def problem_json_document(document: dict[str, Any]) -> dict[str, Any]:
                 for status, description in extra.items():
                     responses.setdefault(str(status), {"description": description})
             for status, response in responses.items():
-                if status.isdigit() and int(status) >= 400:
+                if status.isdigit() and int(status) >= 400 and _is_problem(response):
                     response["content"] = {"application/problem+json": {"schema": PROBLEM_REF}}
                     if response.get("description") in (None, "", "Validation Error"):
                         response["description"] = "The request is invalid (validation-error; `errors` lists each field)."
@@ -68,3 +68,10 @@ def problem_json_document(document: dict[str, Any]) -> dict[str, Any]:
     for unused in ("HTTPValidationError", "ValidationError"):
         components.pop(unused, None)
     return document
+
+
+def _is_problem(response: dict[str, Any]) -> bool:
+    """An error answer documented with no schema, the Problem schema or FastAPI's validation error (not,
+    say, /readyz's 503, which answers its Readiness body)."""
+    refs = {media.get("schema", {}).get("$ref", "") for media in response.get("content", {}).values()}
+    return refs <= {"", PROBLEM_REF["$ref"], "#/components/schemas/HTTPValidationError"}
