@@ -186,9 +186,10 @@ def _replace_submodule(root: torch.nn.Module, name: str, module: torch.nn.Module
 def serve_channels_last(device: torch.device, *, autocast: bool, preference: str = "auto") -> bool:
     """Whether a served model runs channels-last on `device`: `preference` "true" or "false", or the default.
 
-    The default is channels-last on the CPU (measured on the 2-core development machine, ResNet-18 at 224
-    px: batch 16 in 325-328 ms against 347-369 ms for NCHW input to the same weights, and 395-427 ms for the
-    model as loaded), and on CUDA only under autocast, where cuDNN's tensor-core kernels want NHWC. In
+    The default is channels-last on the CPU (measured on the 2-core development machine by `rxverify bench
+    service`, ResNet-18 at 224 px, one torch thread: a batch of 16 in 609.85 ms channels-last, 751.55 ms
+    folded NCHW, 959.08 ms as loaded; README, "GPU checks"), and on CUDA only under autocast, where
+    cuDNN's tensor-core kernels want NHWC (not measured here). In
     float32 on an H100 the channels-last served copy was slower than the model as loaded (README, "GPU
     checks"); that comparison also timed host work the other did not do, so it is not conclusive, and
     `rxverify bench service --device cuda` now times the three forms alike: set
