@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 
 from app.schemas.common import ReadModel, RequestModel
 
@@ -25,8 +25,22 @@ class ProductCreate(RequestModel):
     reason: str | None = Field(default=None, max_length=2000)
 
 
+_NOT_NULLABLE = ("name", "shape", "colour", "imprint", "active")
+
+
+def _omit_null_from_schema(schema: dict[str, Any]) -> None:
+    """In the OpenAPI schema, the fields that may be left out but not sent as null are not nullable."""
+    for name in _NOT_NULLABLE:
+        schema["properties"][name].pop("default", None)
+        variants = schema["properties"][name].pop("anyOf", None)
+        if variants:
+            schema["properties"][name].update(next(v for v in variants if v.get("type") != "null"))
+
+
 class ProductUpdate(RequestModel):
     """Fields to change; omitted fields stay as they are. `active: false` withdraws a product."""
+
+    model_config = ConfigDict(json_schema_extra=_omit_null_from_schema)
 
     name: str | None = Field(default=None, min_length=1, max_length=200)
     shape: str | None = Field(default=None, min_length=1, max_length=40)
@@ -36,12 +50,13 @@ class ProductUpdate(RequestModel):
     active: bool | None = Field(default=None, strict=True)
     reason: str | None = Field(default=None, max_length=2000)
 
-    @model_validator(mode="after")
-    def _no_nulls_for_required(self) -> ProductUpdate:
-        for name in ("name", "shape", "colour", "imprint", "active"):
-            if name in self.model_fields_set and getattr(self, name) is None:
-                raise ValueError(f"{name} cannot be null")
-        return self
+    @field_validator(*_NOT_NULLABLE)
+    @classmethod
+    def _not_null(cls, value: Any, info: ValidationInfo) -> Any:
+        # Runs only for fields sent (defaults are not validated): an explicit null is refused at its field.
+        if value is None:
+            raise ValueError(f"{info.field_name} may be left out but cannot be null")
+        return value
 
     def changes(self) -> dict[str, Any]:
         """The fields the caller set, without the audit reason."""

@@ -85,6 +85,10 @@ def test_patch_errors(env: ApiEnv) -> None:
     assert env.client.patch("/v1/admin/products/99999-0001", json={"active": False},
                             headers=pharmacist).status_code == 404
     null_name = env.client.patch(f"/v1/admin/products/{FURO}", json={"name": None}, headers=pharmacist)
-    assert null_name.status_code == 422
+    assert null_name.status_code == 422 and null_name.json()["errors"][0]["field"] == "name"
+    # ... and the schema says so: such a field may be left out, but it is not nullable.
+    schema = env.client.get("/openapi.json").json()["components"]["schemas"]["ProductUpdate"]["properties"]
+    assert schema["name"]["type"] == "string" and "anyOf" not in schema["name"] and "default" not in schema["name"]
+    assert any(v.get("type") == "null" for v in schema["size_mm"]["anyOf"])  # size_mm may be cleared
     read_only = env.client.patch(f"/v1/admin/products/{FURO}", json={"ndc": "00000-0000"}, headers=pharmacist)
     assert read_only.status_code == 422 and read_only.json()["errors"][0]["field"] == "ndc"
