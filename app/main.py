@@ -14,6 +14,7 @@ from app.config import Settings, get_settings
 from app.db import Database
 from app.log import configure_logging
 from app.middleware import BodySizeLimitMiddleware, ObservabilityMiddleware
+from app.migrate import head_revision
 from app.openapi import install_openapi
 from app.problems import install_problem_handlers
 from app.services.model_follower import follower_lifespan
@@ -69,7 +70,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.db = database
     app.state.db_probe = DatabaseProbe(  # /readyz's database check, bounded by RXVERIFY_READINESS_TIMEOUT_S
-        database.engine, pool_capacity=settings.db_pool_size + settings.db_max_overflow)
+        database.engine, pool_capacity=settings.db_pool_size + settings.db_max_overflow,
+        expected_revision=head_revision())  # and the schema must be the one this code was written for
     # The inference engine sets this to a callable that says whether a model is loaded and warm.
     app.state.model_ready = _no_model
     install_problem_handlers(app)

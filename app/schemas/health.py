@@ -20,7 +20,8 @@ class DependencyStatus(BaseModel):
 
 
 class Readiness(BaseModel):
-    """Ready when the database and broker answer and a model is loaded."""
+    """Ready when the database answers at this code's schema revision and a model is loaded (the broker is
+    reported, not required)."""
 
     ready: bool
     database: DependencyStatus

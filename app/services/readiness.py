@@ -26,15 +26,26 @@ class CheckResult:
     error: str | None = None
 
 
-def check_database(engine: Engine) -> CheckResult:
-    """Run `SELECT 1` on a pooled connection."""
+def check_database(engine: Engine, *, expected_revision: str | None = None) -> CheckResult:
+    """Run `SELECT 1` on a pooled connection; with `expected_revision`, also check the schema's migration.
+
+    A database left at an older revision (a deploy whose `rxverify migrate` did not run) answers some
+    routes and fails others with 500s; it is reported not ready, with the command that fixes it.
+    """
     started = time.perf_counter()
     try:
         with engine.connect() as connection:
             connection.execute(text("SELECT 1"))
+            revision = (connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
+                        if expected_revision is not None else None)
     except Exception as exc:
         logger.warning("database check failed", exc_info=exc)
         return CheckResult(False, _ms(started), _public_reason(exc))
+    if revision != expected_revision:
+        reason = (f"the database schema is at migration {revision}, this code needs {expected_revision}: "
+                  "run `rxverify migrate`")
+        logger.error("database check: %s", reason)
+        return CheckResult(False, _ms(started), reason)
     return CheckResult(True, _ms(started))
 
 
@@ -53,8 +64,8 @@ class DatabaseProbe:
     """
 
     def __init__(self, engine: Engine, *, pool_capacity: int | None, abandon_after_s: float = 30.0,
-                 max_abandoned: int = 3) -> None:
-        self.engine, self.pool_capacity = engine, pool_capacity
+                 max_abandoned: int = 3, expected_revision: str | None = None) -> None:
+        self.engine, self.pool_capacity, self.expected_revision = engine, pool_capacity, expected_revision
         self.abandon_after_s, self.max_abandoned = abandon_after_s, max_abandoned
         self._lock = threading.Lock()
         self._running: Future[CheckResult] | None = None
@@ -93,7 +104,7 @@ class DatabaseProbe:
 
         def run() -> None:
             try:
-                future.set_result(check_database(self.engine))
+                future.set_result(check_database(self.engine, expected_revision=self.expected_revision))
             except BaseException as error:  # check_database catches errors itself; this is for the unforeseen
                 future.set_exception(error)
 
