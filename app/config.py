@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import json
+import os
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -184,6 +187,37 @@ class Settings(BaseSettings):
         for path in (self.data_dir, self.checkpoints_dir, self.datasets_dir, self.images_dir, self.keys_dir):
             path.mkdir(parents=True, exist_ok=True)
         self.keys_dir.chmod(0o700)  # API keys written there are readable by the owner only
+
+
+def redacted_url(url: str) -> str:
+    """A database or broker URL with its password hidden, for logs."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url.split("@")[-1] if "@" in url else url
+
+
+# RXVERIFY_ variables that are not settings: read by one tool each (the naive server of `bench service`).
+_OTHER_VARIABLES = frozenset({"RXVERIFY_BENCH_CHECKPOINT"})
+
+
+def unknown_environment(environ: Mapping[str, str] | None = None) -> list[str]:
+    """`RXVERIFY_` variables that no setting reads, each with the closest setting's name when one is near.
+
+    Settings ignore unknown variables, so a typo (RXVERIFY_DATABSE_URL) would silently leave the default in
+    place: the embedded SQLite database instead of PostgreSQL. The entry points log these as warnings.
+    """
+    prefix = Settings.model_config.get("env_prefix", "")
+    known = {prefix + name.upper() for name in Settings.model_fields} | _OTHER_VARIABLES
+    found = []
+    for name in sorted(os.environ if environ is None else environ):
+        if name.upper().startswith(prefix) and name.upper() not in known:
+            near = difflib.get_close_matches(name.upper(), sorted(known), n=1, cutoff=0.8)
+            found.append(f"{name} (did you mean {near[0]}?)" if near else name)
+    return found
 
 
 @lru_cache(maxsize=1)

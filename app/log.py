@@ -11,7 +11,7 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
-from app.config import Settings
+from app.config import Settings, unknown_environment
 
 request_id_var: ContextVar[str | None] = ContextVar("rxverify_request_id", default=None)
 
@@ -88,3 +88,5 @@ def configure_logging(settings: Settings) -> None:
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    for name in unknown_environment():
+        logging.getLogger("app.config").warning("%s is not an rxverify setting and is ignored", name)

@@ -10,7 +10,7 @@ from importlib import metadata
 from fastapi import FastAPI
 
 from app.api import api_keys, audit, cost_matrices, health, models, products, training_jobs, verifications
-from app.config import Settings, get_settings
+from app.config import Settings, get_settings, redacted_url
 from app.db import Database
 from app.log import configure_logging
 from app.middleware import BodySizeLimitMiddleware, ObservabilityMiddleware
@@ -56,7 +56,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        logger.info("rxverify API starting", extra={"data_dir": str(settings.data_dir)})
+        logger.info("rxverify API starting", extra={"data_dir": str(settings.data_dir),
+                                                    "database": redacted_url(settings.database_url),
+                                                    "broker": redacted_url(settings.broker_url)})
         try:
             # The engine and the active model, then the follower that hot-swaps it on promotion.
             async with serving_lifespan(_app, settings=settings, database=database), \

@@ -6,7 +6,7 @@ import argparse
 import getpass
 from typing import Any
 
-from app.config import get_settings
+from app.config import get_settings, redacted_url
 from app.db import Database
 from app.log import configure_logging
 from app.orm import Role
@@ -63,7 +63,7 @@ def migrate_command(args: argparse.Namespace) -> int:
         migrate.downgrade(settings, args.downgrade)
     else:
         migrate.upgrade(settings, args.revision)
-    print(f"database {_redact(settings.database_url)} is at revision {migrate.current_revision(settings)}")
+    print(f"database {redacted_url(settings.database_url)} is at revision {migrate.current_revision(settings)}")
     return 0
 
 
@@ -149,7 +149,3 @@ def apikey_revoke_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _redact(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)

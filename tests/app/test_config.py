@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,30 @@ def test_settings_are_immutable() -> None:
     settings = Settings()
     with pytest.raises(ValidationError):
         settings.max_cost = 5  # type: ignore[misc]
+
+
+def test_a_misspelt_variable_is_named_with_the_setting_it_was_meant_for(monkeypatch: pytest.MonkeyPatch,
+                                                                          tmp_path: Path,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """Settings ignore unknown variables; a typo would quietly keep the embedded SQLite database."""
+    from app.config import unknown_environment
+    from app.log import configure_logging
+
+    environ = {"RXVERIFY_DATABSE_URL": "postgresql+psycopg://rx:secret@db/rx", "RXVERIFY_PORT": "8000",
+               "RXVERIFY_BENCH_CHECKPOINT": "/x", "RXVERIFY_NOTHING_LIKE_IT": "1", "PATH": "/bin"}
+    assert unknown_environment(environ) == ["RXVERIFY_DATABSE_URL (did you mean RXVERIFY_DATABASE_URL?)",
+                                            "RXVERIFY_NOTHING_LIKE_IT"]
+    monkeypatch.setenv("RXVERIFY_DATABSE_URL", "postgresql+psycopg://rx:secret@db/rx")
+    with caplog.at_level(logging.WARNING, logger="app.config"):
+        configure_logging(Settings(data_dir=tmp_path))
+    assert ("RXVERIFY_DATABSE_URL (did you mean RXVERIFY_DATABASE_URL?) is not an rxverify setting and is ignored"
+            in caplog.messages)
+    assert not any("secret" in message for message in caplog.messages)
+
+
+def test_urls_are_logged_without_their_passwords() -> None:
+    from app.config import redacted_url
+
+    assert redacted_url("postgresql+psycopg://rx:secret@db:5432/rx") == "postgresql+psycopg://rx:***@db:5432/rx"
+    assert redacted_url("redis://:pw@redis:6379/0") == "redis://:***@redis:6379/0"
+    assert redacted_url("sqla+sqlite:////data/broker.sqlite") == "sqla+sqlite:////data/broker.sqlite"
