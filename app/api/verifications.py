@@ -94,6 +94,7 @@ Problem types (`application/problem+json`, `type` = `https://rxverify.dev/proble
 | 503 | `inference-queue-full` | too many requests in flight; retry after `Retry-After` seconds |
 | 503 | `cost-matrix-unavailable` | no cost-matrix version is active |
 | 503 | `database-unavailable` | the database is busy or unreachable; retry after `Retry-After` seconds |
+| 503 | `image-storage-unavailable` | `RXVERIFY_RETAIN_IMAGES` is on and the photo could not be stored (disk full or read-only) |
 """
 
 _FORM_SCHEMA: dict[str, Any] = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {

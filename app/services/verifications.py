@@ -13,6 +13,7 @@ The route drives four steps around the inference engine:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -182,18 +183,34 @@ def retain_image(settings: Settings, *, data: bytes, sha256: str, image_format: 
     target = settings.images_dir / sha256[:2] / f"{sha256}.{_EXTENSIONS.get(image_format, 'bin')}"
     if target.is_file():
         return target, False
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, staging = tempfile.mkstemp(prefix=".upload-", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, staging = tempfile.mkstemp(prefix=".upload-", dir=target.parent)
+    except OSError as error:
+        raise _storage_unavailable(error) from error
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(staging, target)
-    except BaseException:
+    except BaseException as error:
         Path(staging).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise _storage_unavailable(error) from error
         raise
     return target, True
+
+
+def _storage_unavailable(error: OSError) -> ServiceUnavailable:
+    """A photo that RXVERIFY_RETAIN_IMAGES says to keep could not be written (a full or read-only disk):
+    503 with the reason, so the client retries and the operator's alert on 503s fires (not a bare 500)."""
+    logger.error("could not store the verification photo under the data dir: %s", error)
+    reason = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+              errno.EROFS: "the disk is read-only"}.get(error.errno or 0, "the photo could not be written")
+    return ServiceUnavailable(f"the service keeps every verification photo (RXVERIFY_RETAIN_IMAGES) and {reason}; "
+                              "no verdict was given", slug="image-storage-unavailable",
+                              title="Photo storage unavailable", headers={"Retry-After": "30"})
 
 
 def discard_unrecorded_image(session: Session, concluded: Concluded) -> None:

@@ -485,3 +485,23 @@ def test_a_refused_idempotency_twin_lets_go_of_sqlite_before_the_queue(
     second = post_verification(served.client, served.keys[Role.CLIENT], image=jpeg_photo(seed=2), headers=key)
     assert second.status_code == 422 and second.json()["type"].endswith("idempotency-key-reused"), second.text
     assert len(calls) == 2 and free_at_release == [True]
+
+
+def test_a_full_disk_for_retained_photos_is_a_503_naming_it(served: ApiEnv, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With RXVERIFY_RETAIN_IMAGES a photo that cannot be written was a 500 internal-error."""
+    import errno
+
+    from app.services import verifications as service
+
+    def full(_fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    before = len(rows(served.settings))
+    monkeypatch.setattr(service.os, "fsync", full)
+    response = post_verification(served.client, served.keys[Role.CLIENT], image=jpeg_photo(seed=7))
+    assert response.status_code == 503 and response.headers["Retry-After"] == "30"
+    assert response.json()["type"].endswith("/image-storage-unavailable") and "disk is full" in response.json()["detail"]
+    assert len(rows(served.settings)) == before  # no verdict was given, so none is recorded
+    assert not [p for p in served.settings.images_dir.rglob("*") if p.is_file()]  # nor half a photo left
+    monkeypatch.undo()  # the disk has room again
+    assert post_verification(served.client, served.keys[Role.CLIENT], image=jpeg_photo(seed=7)).status_code == 200
