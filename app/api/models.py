@@ -102,7 +102,7 @@ def list_promotions(_actor: PharmacistActor, session: SessionDep, request: Reque
 def rollback(body: RollbackRequest, actor: AdminActor, session: SessionDep, settings: SettingsDep,
              request: Request, background: BackgroundTasks) -> ActiveModel:
     """Return to the version that was active before the latest promotion still in force (no gate)."""
-    entry = promotion.rollback(session, actor=actor, reason=body.reason)
+    entry = promotion.rollback(session, settings, actor=actor, reason=body.reason)
     background.add_task(_announce, request, settings, entry.to_model_version_id, "rollback")
     return ActiveModel(active_model_version=entry.to_model_version_id, promotion=promotion_read(entry))
 

@@ -258,6 +258,7 @@ def promote(session: Session, settings: Settings, *, model_version_id: int, acto
                            errors=[FieldError("reason", "required when force is true", "required")])
     version = _get(session, model_version_id)
     check_classes_in_catalog(session, tuple(version.classes))
+    require_checkpoint(settings, version)
     _lock_active(session)
     active = active_model_version(session)
     if active is not None and active.id == version.id:
@@ -311,7 +312,27 @@ def rollback_target(session: Session) -> tuple[int | None, int | None]:
     return active, (stack[-1] if stack else None)
 
 
-def rollback(session: Session, *, actor: Actor, reason: str | None) -> ModelPromotion:
+def require_checkpoint(settings: Settings, version: ModelVersion) -> None:
+    """409 `checkpoint-missing` unless the version's weights and metadata are where the API will load them.
+
+    Activating a version whose files are gone (a volume not mounted, a directory deleted) would leave every
+    replica serving the previous model while the database says otherwise; even a forced promotion is
+    refused.
+    """
+    from models.checkpoint import WEIGHTS_FILE, CheckpointError, read_metadata
+
+    path = checkpoint_path(settings, version)
+    try:
+        if not (path / WEIGHTS_FILE).is_file():
+            raise CheckpointError(f"no {WEIGHTS_FILE}")
+        read_metadata(path)
+    except (CheckpointError, OSError, ValueError) as error:
+        raise Conflict(f"model version {version.id} cannot be activated: its checkpoint at {path} is missing or "
+                       f"unreadable ({error})", slug="checkpoint-missing",
+                       title="The model's checkpoint is missing") from None
+
+
+def rollback(session: Session, settings: Settings, *, actor: Actor, reason: str | None) -> ModelPromotion:
     """Return to the version that was active before the latest promotion still in force (409 if none)."""
     _lock_active(session)
     current_id = session.scalar(select(ActiveState.model_version_id).where(ActiveState.id == ACTIVE_STATE_ID))
@@ -320,6 +341,7 @@ def rollback(session: Session, *, actor: Actor, reason: str | None) -> ModelProm
         raise Conflict("there is no earlier active model version to roll back to", slug="nothing-to-roll-back",
                        extra={"active_model": current_id})
     current, target = _get(session, current_id), _get(session, previous)
+    require_checkpoint(settings, target)
     current.status = "retired"
     return _apply(session, version=target, previous=current.id, action="rollback", actor=actor, reason=reason)
 

@@ -169,6 +169,24 @@ def test_force_needs_a_reason_and_is_audited(registry: Registry) -> None:
         database.dispose()
 
 
+def test_a_version_whose_checkpoint_is_gone_is_not_activated_even_by_force(registry: Registry) -> None:
+    """It used to be made active (200) while every replica kept serving the old model and alerted."""
+    from sqlalchemy import update
+
+    better = registry.candidate(BETTER)
+    database = Database(registry.settings)
+    try:
+        with database.session() as session:
+            session.execute(update(ModelVersion).where(ModelVersion.id == better)
+                            .values(path=str(registry.settings.data_dir / "unmounted" / "gone")))
+    finally:
+        database.dispose()
+    for body in ({"reason": "cheaper"}, {"force": True, "reason": "override"}):
+        refused = registry.promote(better, body)
+        assert refused.status_code == 409 and refused.json()["type"].endswith("/checkpoint-missing"), refused.text
+    assert registry.active() == registry.seeded.base_model
+
+
 def test_roles_and_missing_versions(registry: Registry) -> None:
     better = registry.candidate(BETTER)
     assert registry.promote(better, role="pharmacist").status_code == 403
