@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(default=5, ge=1)
     db_max_overflow: int = Field(default=10, ge=0)
     db_connect_timeout_s: int = Field(default=10, ge=1, description="PostgreSQL connect timeout.")
+    db_statement_timeout_ms: int = Field(default=30_000, ge=0, description="PostgreSQL: a statement still running (waits for locks included) after this long is cancelled, and its request answers 503 database-unavailable instead of holding a request thread; 0 turns it off. Migrations run without it.")
     db_busy_timeout_ms: int = Field(default=5000, ge=0, description=(
         "How long a SQLite writer waits, first for the in-process write queue and then for SQLite's own lock, "
         "before a 503 ('database is locked')."))

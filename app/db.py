@@ -49,7 +49,13 @@ def create_db_engine(settings: Settings, *, for_migrations: bool = False) -> Eng
         if for_migrations:
             _make_sqlite_ddl_transactional(engine)
         return engine
-    connect_args = {"connect_timeout": settings.db_connect_timeout_s} if url.get_backend_name() == "postgresql" else {}
+    connect_args: dict[str, Any] = {}
+    if url.get_backend_name() == "postgresql":
+        connect_args["connect_timeout"] = settings.db_connect_timeout_s
+        if settings.db_statement_timeout_ms and not for_migrations:
+            # A statement blocked on a lock (or a sick server) would otherwise hold its request thread for
+            # as long as the lock is held; cancelled, the request answers 503 database-unavailable.
+            connect_args["options"] = f"-c statement_timeout={int(settings.db_statement_timeout_ms)}"
     return create_engine(url, pool_pre_ping=True, pool_size=settings.db_pool_size,
                          max_overflow=settings.db_max_overflow, connect_args=connect_args)
 

@@ -97,6 +97,8 @@ class ModelFollower:
         return True
 
     async def _poll_loop(self) -> None:
+        failing_since: float | None = None  # while the database is down: one traceback, then a line a minute
+        last_report = 0.0
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self.settings.model_poll_seconds)
@@ -105,8 +107,20 @@ class ModelFollower:
                 await self.sync()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # e.g. the database is briefly unreachable: try again next time
-                logger.exception("could not follow the active model version")
+            except Exception as error:  # e.g. the database is briefly unreachable: try again next time
+                now = time.monotonic()
+                if failing_since is None:
+                    failing_since = last_report = now
+                    logger.exception("could not follow the active model version")
+                elif now - last_report >= 60:
+                    last_report = now
+                    logger.error("still cannot follow the active model version after %.0f s: %s: %s",
+                                 now - failing_since, type(error).__name__, error)
+            else:
+                if failing_since is not None:
+                    logger.info("following the active model version again after %.0f s",
+                                time.monotonic() - failing_since)
+                    failing_since = None
 
     async def _subscribe_loop(self) -> None:
         import redis.asyncio as aioredis

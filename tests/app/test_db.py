@@ -126,3 +126,29 @@ def test_seed_is_idempotent(db_settings: Settings) -> None:
     assert counts == {m.__name__: count_rows(db_settings, m)
                       for m in (Product, CostMatrixVersion, CostMatrixEntry, AdminAuditEntry)}
     assert counts["Product"] == 20 and counts["CostMatrixEntry"] == 4
+
+
+@pytest.mark.postgres
+def test_a_statement_blocked_by_a_lock_is_cancelled_after_the_statement_timeout(
+        pg_settings: Settings, make_client: Any, api_key: Any) -> None:
+    """A request waiting on a lock held elsewhere (a long migration, a stuck transaction) held its request
+    thread until the lock went, 49 s in a review; with RXVERIFY_DB_STATEMENT_TIMEOUT_MS it answers 503."""
+    import time
+
+    from sqlalchemy import create_engine, text
+
+    settings = pg_settings.model_copy(update={"db_statement_timeout_ms": 300})
+    client = make_client(settings)
+    key = api_key(settings, Role.PHARMACIST)
+    other = create_engine(settings.database_url)
+    try:
+        with other.begin() as connection:
+            connection.execute(text("LOCK TABLE products IN ACCESS EXCLUSIVE MODE"))
+            started = time.perf_counter()
+            answer = client.get("/v1/products", headers={"X-API-Key": key})
+            waited = time.perf_counter() - started
+        assert answer.status_code == 503 and answer.json()["type"].endswith("/database-unavailable"), answer.text
+        assert waited < 5, waited
+        assert client.get("/v1/products", headers={"X-API-Key": key}).status_code == 200  # the lock is gone
+    finally:
+        other.dispose()

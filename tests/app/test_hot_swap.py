@@ -184,3 +184,37 @@ def test_a_checkpoint_that_fails_to_load_leaves_the_old_model_serving(
                            data={"prescribed_ndc": CLASSES[0]}, headers={"X-API-Key": seeded.keys[Role.CLIENT]})
     assert response.status_code == 200 and response.json()["model_version"] == 1
     assert "rxverify_model_swap_failed 1.0" in client.get("/metrics").text
+
+
+def test_a_database_outage_logs_one_traceback_not_one_every_poll(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The follower polls every RXVERIFY_MODEL_POLL_SECONDS (2 s): while the database is down it logged an
+    ERROR with a traceback at each poll. Now: one, a line a minute after it, and one when it is back."""
+    import asyncio
+    import logging
+
+    from app.services.model_follower import ModelFollower
+
+    settings = Settings(data_dir=tmp_path, model_poll_seconds=0.01)
+    follower = ModelFollower(engine=None, database=None, settings=settings)  # type: ignore[arg-type]
+    outcomes = iter([ConnectionError("database down")] * 20 + [None] * 3)
+
+    async def sync() -> None:
+        outcome = next(outcomes, None)
+        if outcome is not None:
+            raise outcome
+
+    follower.sync = sync  # type: ignore[method-assign]
+
+    async def run() -> None:
+        task = asyncio.create_task(follower._poll_loop())
+        await asyncio.sleep(0.6)
+        task.cancel()
+
+    with caplog.at_level(logging.INFO, logger="app.services.model_follower"):
+        asyncio.run(run())
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages.count("could not follow the active model version") == 1
+    assert [r.exc_info is not None for r in caplog.records if "could not follow" in r.getMessage()] == [True]
+    assert not [m for m in messages if m.startswith("still cannot follow")]  # within the first minute
+    assert any(m.startswith("following the active model version again") for m in messages)
