@@ -14,6 +14,8 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Header, Path, Query, Request
 from fastapi.responses import JSONResponse
 from prometheus_client import Counter, Histogram
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -121,6 +123,10 @@ async def create_verification(
                                           idempotency_key=idempotency_key, started=started, settings=settings)
     except DomainError as error:
         REJECTED.labels(reason=error.slug).inc()
+        VERIFICATION_SECONDS.labels(outcome="rejected").observe(time.perf_counter() - started)
+        raise
+    except (OperationalError, PoolTimeout):  # answered 503 database-unavailable by the problem handlers
+        REJECTED.labels(reason="database-unavailable").inc()
         VERIFICATION_SECONDS.labels(outcome="rejected").observe(time.perf_counter() - started)
         raise
     VERIFICATION_SECONDS.labels(outcome=outcome).observe(time.perf_counter() - started)

@@ -360,7 +360,15 @@ def test_a_writer_queued_past_the_busy_timeout_gets_a_503_and_the_service_recove
         finally:
             queue.release()
 
+    from prometheus_client import REGISTRY
+
+    def counted() -> float:
+        return REGISTRY.get_sample_value("rxverify_verification_rejected_total",
+                                         {"reason": "database-unavailable"}) or 0.0
+
+    before = counted()
     refused(jpeg_photo(seed=3))
+    assert counted() == before + 1  # an operator's alert on refused verifications sees it (it did not)
     assert rows(settings) == []  # nothing half-written
     assert list(settings.images_dir.rglob("*.*")) == []  # nor the retained photo
     answered = post_verification(env.client, env.keys[Role.CLIENT], image=jpeg_photo(seed=3))
