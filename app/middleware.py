@@ -51,6 +51,7 @@ class ObservabilityMiddleware:
         token = request_id_var.set(request_id)
         started = time.perf_counter()
         status = {"code": 500, "sent": False}
+        answered: list[float] = []  # when the last body chunk went out: background tasks run after it
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -58,6 +59,8 @@ class ObservabilityMiddleware:
                 status["sent"] = True
                 MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
             await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                answered.append(time.perf_counter())
 
         try:
             await self.app(scope, receive, send_with_id)
@@ -67,7 +70,8 @@ class ObservabilityMiddleware:
                 raise
             await internal_error_response(scope.get("path"))(scope, receive, send_with_id)
         finally:
-            elapsed = time.perf_counter() - started
+            # The client's wait: up to the answer's last byte, not the background work after it.
+            elapsed = (answered[0] if answered else time.perf_counter()) - started
             route = _route_template(scope)
             method = scope["method"] if scope["method"] in _METHOD_LABELS else "OTHER"
             HTTP_REQUESTS.labels(method, route, str(status["code"])).inc()
