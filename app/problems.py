@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 PROBLEM_BASE = "https://rxverify.dev/problems/"
 PROBLEM_MEDIA_TYPE = "application/problem+json"
+DATABASE_UNAVAILABLE = "database-unavailable"  # the slug of every database error's 503
 CLIENT_CLOSED_REQUEST = 499  # the status recorded (metrics, access log) when the client left mid-request
 _HTTP_SLUGS = {400: "bad-request", 404: "not-found", 405: "method-not-allowed", 406: "not-acceptable",
                413: "payload-too-large", 415: "unsupported-media-type", 429: "too-many-requests"}
@@ -130,7 +131,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
     logger.warning("database operational error", exc_info=exc)
-    return problem_response(status=503, slug="database-unavailable", title="Database unavailable",
+    return problem_response(status=503, slug=DATABASE_UNAVAILABLE, title="Database unavailable",
                             detail="The database is busy or unreachable; retry shortly.",
                             instance=request.url.path, headers={"Retry-After": "1"})
 

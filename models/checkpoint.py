@@ -332,6 +332,15 @@ def read_metadata(directory: str | Path) -> CheckpointMetadata:
     return CheckpointMetadata.from_dict(data)
 
 
+def check_files(directory: str | Path) -> CheckpointMetadata:
+    """A checkpoint's metadata, once its weights file is known to be there too (CheckpointError if not):
+    what a loader needs, checked without reading the weights."""
+    metadata = read_metadata(directory)
+    if not (Path(directory) / WEIGHTS_FILE).is_file():
+        raise _missing(directory, WEIGHTS_FILE)
+    return metadata
+
+
 def _read_weights(directory: str | Path) -> bytes:
     path = Path(directory) / WEIGHTS_FILE
     try:

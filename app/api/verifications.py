@@ -26,6 +26,7 @@ from app.inference.engine import ModelUnavailable
 from app.inference.images import ImageLimits
 from app.inference.served import ServedModel
 from app.orm import Resolution, Verification
+from app.problems import DATABASE_UNAVAILABLE
 from app.schemas.common import IdQuery, problem_responses
 from app.schemas.verifications import (
     ResolutionCreate,
@@ -121,12 +122,8 @@ async def create_verification(
     try:
         response, outcome = await _verify(request, actor_key_id=actor.key_id, session=session,
                                           idempotency_key=idempotency_key, started=started, settings=settings)
-    except DomainError as error:
-        REJECTED.labels(reason=error.slug).inc()
-        VERIFICATION_SECONDS.labels(outcome="rejected").observe(time.perf_counter() - started)
-        raise
-    except (OperationalError, PoolTimeout):  # answered 503 database-unavailable by the problem handlers
-        REJECTED.labels(reason="database-unavailable").inc()
+    except (DomainError, OperationalError, PoolTimeout) as error:  # the database errors: 503 by the handlers
+        REJECTED.labels(reason=error.slug if isinstance(error, DomainError) else DATABASE_UNAVAILABLE).inc()
         VERIFICATION_SECONDS.labels(outcome="rejected").observe(time.perf_counter() - started)
         raise
     VERIFICATION_SECONDS.labels(outcome=outcome).observe(time.perf_counter() - started)

@@ -319,13 +319,11 @@ def require_checkpoint(settings: Settings, version: ModelVersion) -> None:
     replica serving the previous model while the database says otherwise; even a forced promotion is
     refused.
     """
-    from models.checkpoint import WEIGHTS_FILE, CheckpointError, read_metadata
+    from models.checkpoint import CheckpointError, check_files
 
     path = checkpoint_path(settings, version)
     try:
-        if not (path / WEIGHTS_FILE).is_file():
-            raise CheckpointError(f"no {WEIGHTS_FILE}")
-        read_metadata(path)
+        check_files(path)
     except (CheckpointError, OSError, ValueError) as error:
         raise Conflict(f"model version {version.id} cannot be activated: its checkpoint at {path} is missing or "
                        f"unreadable ({error})", slug="checkpoint-missing",

@@ -186,19 +186,17 @@ def retain_image(settings: Settings, *, data: bytes, sha256: str, image_format: 
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, staging = tempfile.mkstemp(prefix=".upload-", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(staging, target)
+        except BaseException:
+            Path(staging).unlink(missing_ok=True)
+            raise
     except OSError as error:
         raise _storage_unavailable(error) from error
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(staging, target)
-    except BaseException as error:
-        Path(staging).unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise _storage_unavailable(error) from error
-        raise
     return target, True
 
 
