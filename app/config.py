@@ -74,6 +74,7 @@ class Settings(BaseSettings):
     max_cost: float = Field(default=1000.0, gt=0, description="Largest cost a pharmacist may enter.")
     critical_cost_threshold: float = Field(default=5.0, gt=0, description="A pair at least this costly is critical.")
     max_accept_risk: float = Field(default=0.05, gt=0, description="Ceiling on the expected cost of auto-accepting a fill (sum over y != r of p(y) c(y, r)): a riskier fill goes to review, whatever threshold was fitted on validation. With every error costing 1 it is the largest chance of a wrong product a `match` may carry; a critical substitute (cost 10) may carry a tenth of it.")
+    unfamiliar_photo_rate: float = Field(default=0.01, ge=0, lt=0.5, description="Share of ordinary photos (exchangeable with the model's validation photos) that the unfamiliar-photo check may send to review (`photo-unfamiliar`); the thresholds on the model's feature stages are conformal quantiles for it. Larger catches more photos unlike the training photos (empty vials, other objects, untrained products). 0 turns the check off.")
     promotion_max_accuracy_drop: float = Field(default=0.5, ge=0, description="Percentage points the gate allows.")
     auto_promote: bool = Field(default=False, description="Default of a training job's auto_promote.")
 

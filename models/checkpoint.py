@@ -30,11 +30,14 @@ import torch
 from torch import nn
 
 from models.networks import ARCHITECTURES, create_model
+from models.ood import Familiarity
 
 WEIGHTS_FILE = "model.safetensors"
 METADATA_FILE = "metadata.json"
 VALIDATION_FILE = "validation.safetensors"
-CHECKPOINT_FILES = (WEIGHTS_FILE, METADATA_FILE, VALIDATION_FILE)  # the last one is optional
+FAMILIARITY_FILE = "familiarity.safetensors"  # models.ood: which photos are unlike the training photos
+OPTIONAL_FILES = (VALIDATION_FILE, FAMILIARITY_FILE)
+CHECKPOINT_FILES = (WEIGHTS_FILE, METADATA_FILE, *OPTIONAL_FILES)
 METADATA_VERSION = 1
 OUTPUT_KINDS = ("logits", "costs")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -408,13 +411,15 @@ def _model_with_weights(metadata: CheckpointMetadata, tensors: Mapping[str, torc
 
 
 def with_updated_metadata(src_dir: str | Path, dst_dir: str | Path, *, validation: bytes | None = None,
-                          **changes: Any) -> str:
+                          familiarity: bytes | None = None, **changes: Any) -> str:
     """Copy a checkpoint with some metadata fields replaced (e.g. temperature, decision); same weights.
 
     `validation` (from `encode_validation_outputs`) replaces the validation outputs, and its SHA-256 is
     recorded as `decision.validation_sha256`. Without it those of `src_dir`, if any, are carried over,
     unless the change makes them stale: a new temperature (they are calibrated probabilities) or a new
-    decision (they belong to the policy fitted on them).
+    decision (they belong to the policy fitted on them). `familiarity` (`models.ood.Familiarity.to_bytes`)
+    replaces the familiarity file; without it that of `src_dir` is carried over (it depends on the weights
+    alone, and names them).
     """
     weights = _read_weights(src_dir)
     source = read_metadata(src_dir)
@@ -429,6 +434,10 @@ def with_updated_metadata(src_dir: str | Path, dst_dir: str | Path, *, validatio
         validation = carried.read_bytes()
     if validation is not None:
         files[VALIDATION_FILE] = validation
+    if familiarity is None and (Path(src_dir) / FAMILIARITY_FILE).is_file():
+        familiarity = (Path(src_dir) / FAMILIARITY_FILE).read_bytes()
+    if familiarity is not None:
+        files[FAMILIARITY_FILE] = familiarity
     _publish(Path(dst_dir), files, overwrite=overwrite)
     return hashlib.sha256(weights).hexdigest()
 
@@ -473,3 +482,21 @@ def read_validation_outputs(directory: str | Path, *, expected_sha256: str | Non
                                     or (labels.size and (labels.min() < 0 or labels.max() >= num_classes))):
         raise CheckpointError(f"{path} does not match the model's {num_classes} classes")
     return probs, labels
+
+
+def read_familiarity(directory: str | Path, *, weights_sha256: str) -> Familiarity | None:
+    """The checkpoint's familiarity model (`models.ood`), or None when it has none.
+
+    Raises CheckpointError when the file is corrupt or was fitted for other weights than `weights_sha256`.
+    """
+    path = Path(directory) / FAMILIARITY_FILE
+    if not path.is_file():
+        return None
+    try:
+        familiarity = Familiarity.from_bytes(path.read_bytes())
+    except ValueError as error:
+        raise CheckpointError(f"{path}: {error}") from None
+    if familiarity.weights_sha256 != weights_sha256:
+        raise CheckpointError(f"{path} was fitted for other weights ({familiarity.weights_sha256[:12]}, "
+                              f"not {weights_sha256[:12]})")
+    return familiarity

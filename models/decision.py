@@ -7,6 +7,8 @@ Accepting a fill hands the patient `y` in place of `r`, so the expected cost of 
 
 The rule, checked in this order (`decide` / `decide_batch`; `reason` is a machine-readable slug):
 
+0. `review / photo-unfamiliar`: the photo's features are unlike the training photos' (`models.ood`:
+   its `unfamiliarity` exceeds 1), so none of its probabilities can be trusted, a mismatch included.
 1. `mismatch / prescribed-implausible`: another class is top, p(r) < `mismatch_probability` and r is
    outside the conformal set. The decision names the likely content (`predicted`).
 2. `review / prescribed-not-top`: r is not the unique top class (ties are not top).
@@ -41,9 +43,9 @@ from models.costs import CostMatrix
 POLICY_FORMAT_VERSION = 1
 VERDICTS = ("match", "mismatch", "review")
 REASONS = ("accepted", "prescribed-implausible", "prescribed-not-top", "accept-risk-too-high",
-           "conformal-set-excludes-prescribed", "conformal-set-ambiguous", "no-fitted-policy")
-_ACCEPTED, _IMPLAUSIBLE, _NOT_TOP, _RISK, _EXCLUDED, _AMBIGUOUS, _UNFITTED = range(len(REASONS))
-_VERDICT_OF_REASON = ("match", "mismatch", "review", "review", "review", "review", "review")
+           "conformal-set-excludes-prescribed", "conformal-set-ambiguous", "no-fitted-policy", "photo-unfamiliar")
+_ACCEPTED, _IMPLAUSIBLE, _NOT_TOP, _RISK, _EXCLUDED, _AMBIGUOUS, _UNFITTED, _UNFAMILIAR = range(len(REASONS))
+_VERDICT_OF_REASON = ("match", "mismatch", "review", "review", "review", "review", "review", "review")
 
 CONFORMAL_GUARANTEE = (
     "For bottles that truly contain product y, the prediction set contains y at least 1 - alpha_y of the "
@@ -152,6 +154,9 @@ class Decision:
     top: tuple[tuple[str, float], ...]
     conformal_set: tuple[str, ...]
     accept_risk_threshold: float  # the policy's accept_risk that expected_accept_cost was held to
+    # models.ood: the photo's largest score / threshold over the feature stages (above 1: unfamiliar);
+    # None when the model has no familiarity check or it is turned off.
+    unfamiliarity: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (top as [{class, probability}])."""
@@ -190,8 +195,10 @@ def _pair_reasons(probs: np.ndarray, costs: np.ndarray, policy: VerdictPolicy) -
 
 
 def decide_batch(probs: Any, *, prescribed_indices: Sequence[int] | np.ndarray, cost_matrix: CostMatrix,
-                 policy: VerdictPolicy, classes: Sequence[str], top_k: int = 3) -> list[Decision]:
-    """Verdicts for N photos: probs (N, K) calibrated probabilities, one prescribed class index per photo."""
+                 policy: VerdictPolicy, classes: Sequence[str], top_k: int = 3,
+                 unfamiliarity: Sequence[float | None] | None = None) -> list[Decision]:
+    """Verdicts for N photos: probs (N, K) calibrated probabilities, one prescribed class index per photo,
+    and optionally each photo's unfamiliarity (`models.ood`; None: not checked)."""
     classes = tuple(classes)
     if policy.classes != classes:
         raise ValueError("the verdict policy was fitted for another class list")
@@ -202,28 +209,34 @@ def decide_batch(probs: Any, *, prescribed_indices: Sequence[int] | np.ndarray, 
         raise ValueError(f"{array.shape[0]} probability vectors but {prescribed.shape[0]} prescriptions")
     if prescribed.size and (prescribed.min() < 0 or prescribed.max() >= len(classes)):
         raise ValueError("a prescribed index is outside the model's classes")
+    checked = [None] * array.shape[0] if unfamiliarity is None else list(unfamiliarity)
+    if len(checked) != array.shape[0]:
+        raise ValueError(f"{array.shape[0]} probability vectors but {len(checked)} unfamiliarity values")
     reasons, risk = _pair_reasons(array, costs, policy)
     in_set = policy.conformal_mask(array)
     decisions = []
     for i, r in enumerate(prescribed.tolist()):
         order = np.argsort(-array[i], kind="stable")
-        reason = int(reasons[i, r])
+        value = checked[i]
+        score = None if value is None else float(value)
+        reason = _UNFAMILIAR if score is not None and not score <= 1.0 else int(reasons[i, r])
         decisions.append(Decision(
             verdict=_VERDICT_OF_REASON[reason], reason=REASONS[reason], prescribed=classes[r],
             predicted=classes[int(order[0])], probability_prescribed=float(array[i, r]),
             expected_accept_cost=float(risk[i, r]),
             top=tuple((classes[int(j)], float(array[i, j])) for j in order[:max(top_k, 0)]),
             conformal_set=tuple(classes[int(j)] for j in order if in_set[i, j]),
-            accept_risk_threshold=policy.accept_risk,
+            accept_risk_threshold=policy.accept_risk, unfamiliarity=score,
         ))
     return decisions
 
 
 def decide(probs: Any, *, prescribed_index: int, cost_matrix: CostMatrix, policy: VerdictPolicy,
-           classes: Sequence[str], top_k: int = 3) -> Decision:
+           classes: Sequence[str], top_k: int = 3, unfamiliarity: float | None = None) -> Decision:
     """The verdict for one photo (probs: K calibrated probabilities)."""
     return decide_batch(np.asarray(probs, dtype=np.float64)[None, :], prescribed_indices=[prescribed_index],
-                        cost_matrix=cost_matrix, policy=policy, classes=classes, top_k=top_k)[0]
+                        cost_matrix=cost_matrix, policy=policy, classes=classes, top_k=top_k,
+                        unfamiliarity=[unfamiliarity])[0]
 
 
 # --- fitting ----------------------------------------------------------------------------------------

@@ -179,6 +179,23 @@ def classifier_head(model: nn.Module) -> nn.Linear:
     return head
 
 
+def feature_stages(model: nn.Module) -> tuple[str, ...]:
+    """Names of the submodules whose outputs are a model's feature stages, shallow to deep.
+
+    torchvision ResNets: layer1-4. ResNet-9: prep and layer1-3. TinyCNN and SmallCNN: each conv stage.
+    MLP: each hidden layer's ReLU. Anything else: none (`models.ood` then has nothing to read).
+    """
+    if isinstance(model, tv_models.ResNet):
+        return ("layer1", "layer2", "layer3", "layer4")
+    if isinstance(model, ResNet9):
+        return ("prep", "layer1", "layer2", "layer3")
+    if isinstance(model, TinyCNN):
+        return tuple(f"features.{i}" for i, m in enumerate(model.features) if isinstance(m, nn.Sequential))
+    if isinstance(model, MLP):
+        return tuple(f"body.{i}" for i, m in enumerate(model.body) if isinstance(m, nn.ReLU))
+    return ()
+
+
 def classifier_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The classifier head's parameters (for the PMI recipe: train the new head first, then unfreeze)."""
     return list(classifier_head(model).parameters())

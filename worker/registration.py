@@ -81,9 +81,30 @@ def _decision_summary(decision: dict[str, Any]) -> dict[str, Any]:
             **{k: report[k] for k in keys if k in report}}
 
 
+def fit_familiarity_file(checkpoint: Path, *, data_root: Path, settings: Settings) -> tuple[bytes | None, dict[str, Any]]:
+    """The checkpoint's unfamiliar-photo model (`models.ood`) as file bytes, and a report for its metrics.
+
+    A model it cannot be fitted for (too few photos, an architecture without known feature stages) is
+    registered without it: the API then serves it without the check, and says so in every verdict
+    (`unfamiliarity` null) and in the log.
+    """
+    started = time.monotonic()
+    try:
+        familiarity = evaluation.fit_checkpoint_familiarity(checkpoint, data_root=data_root, device=settings.device)
+    except ValueError as error:
+        logger.warning("unfamiliar-photo check not fitted (%s); the model will be served without it", error)
+        return None, {"fitted": False, "why": str(error)}
+    report = {"fitted": True, **familiarity.report, "fit_s": round(time.monotonic() - started, 3)}
+    logger.info("unfamiliar-photo check fitted on %d training and %d validation photos in %.1fs",
+                report["n_train"], report["n_valid"], report["fit_s"])
+    return familiarity.to_bytes(), report
+
+
 def finalise_checkpoint(checkpoint: Path, final: Path, *, data_root: Path, cost_matrix: CostMatrix,
-                        settings: Settings, seed: int) -> tuple[dict[str, evaluation.SplitEvaluation], dict[str, Any]]:
-    """Score a trained checkpoint on valid and test, fit its verdict policy on valid, write it to `final`.
+                        settings: Settings, seed: int
+                        ) -> tuple[dict[str, evaluation.SplitEvaluation], dict[str, Any], dict[str, Any]]:
+    """Score a trained checkpoint on valid and test, fit its verdict policy on valid and its unfamiliar-photo
+    check on train and valid, write it to `final`; returns the scores, the policy and the check's report.
 
     The validation outputs the policy was fitted on are stored with it (`validation.safetensors`, hash in
     `decision.validation_sha256`), so the API can refit the policy when the cost matrix changes.
@@ -96,11 +117,13 @@ def finalise_checkpoint(checkpoint: Path, final: Path, *, data_root: Path, cost_
                                   cost_matrix=cost_matrix, critical_cost=settings.critical_cost_threshold,
                                   max_accept_risk=settings.max_accept_risk, seed=seed)
     validation = encode_validation_outputs(candidate["valid"].probs, candidate["valid"].labels)
+    familiarity, familiarity_report = fit_familiarity_file(checkpoint, data_root=data_root, settings=settings)
     # An earlier attempt may have died after writing `final` and before the commit: it is derived from this
     # attempt's checkpoint, so rebuild it rather than fail on a non-empty directory.
     shutil.rmtree(final, ignore_errors=True)
-    with_updated_metadata(checkpoint, final, decision=decision, validation=validation)  # records its hash
-    return candidate, read_metadata(final).decision
+    with_updated_metadata(checkpoint, final, decision=decision, validation=validation,  # records its hash
+                          familiarity=familiarity)
+    return candidate, read_metadata(final).decision, familiarity_report
 
 
 def register_and_finish(*, database: Database, settings: Settings, spec: JobSpec, lease: Lease, hooks: Hooks,
@@ -115,7 +138,7 @@ def register_and_finish(*, database: Database, settings: Settings, spec: JobSpec
     hooks.progress.update(phase="evaluating", eta_s=0.0)
     hooks.write()
     costs = CostMatrix.read_csv(workdir.costs, spec.classes)
-    candidate, decision = finalise_checkpoint(outcome.checkpoint, workdir.final, data_root=data_root,
+    candidate, decision, familiarity = finalise_checkpoint(outcome.checkpoint, workdir.final, data_root=data_root,
                                               cost_matrix=costs, settings=settings, seed=spec.seed)
     parent = evaluation.evaluate_checkpoint(spec.base_path, data_root=data_root, cost_matrix=costs,
                                             device=settings.device)
@@ -134,7 +157,7 @@ def register_and_finish(*, database: Database, settings: Settings, spec: JobSpec
                               "dataset_fingerprint": spec.dataset_fingerprint,
                               "cost_matrix_version_id": spec.cost_matrix_version_id, "splits": ["valid", "test"]},
                "train": outcome.metadata.metrics.get("train", {}), "temperature": outcome.metadata.temperature,
-               "feedback_images": len(spec.feedback)}
+               "feedback_images": len(spec.feedback), "familiarity": familiarity}
     actor = worker_actor(spec.job_id)
     promoted: int | None = None
     with database.session() as session:

@@ -49,6 +49,10 @@ VERIFICATION_SECONDS = Histogram(
     "rejected).", ["outcome"], buckets=(0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0))
 VERDICTS = Counter("rxverify_verdicts_total", "Verdicts given, by verdict and model version.",
                    ["verdict", "model_version"])
+UNFAMILIAR = Counter("rxverify_unfamiliar_photos_total", "Verdicts sent to review because the photo is unlike the "
+                     "model's training photos (reason photo-unfamiliar), by model version: a jump after a camera, "
+                     "lighting or supplier change means the model needs photos from the new conditions.",
+                     ["model_version"])
 REJECTED = Counter("rxverify_verification_rejected_total",
                    "Verification requests answered with a problem, by problem type.", ["reason"])
 
@@ -169,6 +173,8 @@ async def _verify(request: Request, *, actor_key_id: int | None, session: Sessio
         return JSONResponse(outcome.body, headers={"Idempotent-Replayed": "true"}), "replay"
     assert outcome.decision is not None
     VERDICTS.labels(verdict=outcome.decision.verdict, model_version=prediction.model_version).inc()
+    if outcome.decision.reason == "photo-unfamiliar":
+        UNFAMILIAR.labels(model_version=prediction.model_version).inc()
     return JSONResponse(outcome.body), "verdict"
 
 

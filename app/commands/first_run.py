@@ -165,7 +165,7 @@ def build_model(settings: Settings, database: Database, *, dataset: DemoDataset,
             raise FirstRunError("no cost-matrix version is active (run `rxverify catalog seed-pmi`)")
         costs = cost_matrix_of(session, cost_matrix_id, classes=outcome.metadata.classes)
     say("scoring it on the validation and test splits and fitting its verdict thresholds on validation")
-    candidate, _decision = finalise_checkpoint(outcome.checkpoint, work / "model", data_root=dataset.path,
+    candidate, _decision, familiarity = finalise_checkpoint(outcome.checkpoint, work / "model", data_root=dataset.path,
                                                cost_matrix=costs, settings=settings, seed=DEMO_SEED)
     reports = {split: result.report for split, result in candidate.items()}
     with database.session() as session:
@@ -177,7 +177,8 @@ def build_model(settings: Settings, database: Database, *, dataset: DemoDataset,
             **reports, "comparison": evaluation.comparison(candidate=reports, parent=None, cost_matrix=costs),
             "evaluation": {"dataset_id": dataset.id, "dataset": DEMO_DATASET, "dataset_fingerprint": dataset.fingerprint,
                            "cost_matrix_version_id": cost_matrix_id, "splits": list(reports)},
-            "train": outcome.metadata.metrics.get("train", {}), "temperature": outcome.metadata.temperature}
+            "train": outcome.metadata.metrics.get("train", {}), "temperature": outcome.metadata.temperature,
+            "familiarity": familiarity}
         version_id = version.id
     test = reports["test"]
     say(f"model version {version_id} registered and active: test accuracy {100 * test['accuracy']:.1f}% "

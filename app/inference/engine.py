@@ -44,7 +44,7 @@ from app.inference.served import (
     ModelLoadError,
     Prediction,
     ServedModel,
-    forward_probabilities,
+    forward_outputs,
     load_served_model,
 )
 from models.runtime import select_device, serve_channels_last, set_cpu_threads
@@ -307,8 +307,8 @@ class InferenceEngine:
                 self.metrics.queue_wait.observe(started - item.enqueued)
             self.metrics.batch_size.observe(len(group))
             try:
-                probs = await loop.run_in_executor(self._executor, self._forward, served,
-                                                   [item.tensor for item in group])
+                probs, scores = await loop.run_in_executor(self._executor, self._forward, served,
+                                                           [item.tensor for item in group])
             except Exception as error:
                 logger.exception("forward pass of model %s failed", served.version)
                 # The exception text (shapes, device names, paths) stays in the log; the client gets the
@@ -317,15 +317,18 @@ class InferenceEngine:
                 _fail(group, functools.partial(InferenceFailed, detail))
                 continue
             self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (time.perf_counter() - started)
-            for item, row in zip(group, probs, strict=True):
+            for index, (item, row) in enumerate(zip(group, probs, strict=True)):
                 if not item.future.done():
                     item.future.set_result(Prediction(probs=row, model_version=served.version,
-                                                      classes=served.classes, served=served))
+                                                      classes=served.classes, served=served,
+                                                      stage_scores=None if scores is None else scores[index]))
 
-    def _forward(self, served: ServedModel, tensors: Sequence[torch.Tensor], *, record: bool = True) -> np.ndarray:
-        """One batched forward on the torch thread: (B, K) calibrated probabilities as float64."""
+    def _forward(self, served: ServedModel, tensors: Sequence[torch.Tensor], *, record: bool = True
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
+        """One batched forward on the torch thread: (B, K) calibrated probabilities as float64, and the
+        familiarity check's (B, L) stage scores (None without one)."""
         started = time.perf_counter()
-        result = forward_probabilities(served, tensors, autocast=self.config.autocast)
+        result = forward_outputs(served, tensors, autocast=self.config.autocast)
         if record:
             self.metrics.inference_seconds.observe(time.perf_counter() - started)
         return result
@@ -380,7 +383,7 @@ class InferenceEngine:
         loop = asyncio.get_running_loop()
         example = served.preset(Image.new("RGB", (served.preset.image_size,) * 2, (128, 128, 128)))
         for size in self.config.warmup_sizes_for(served.device):
-            probs = await loop.run_in_executor(
+            probs, _scores = await loop.run_in_executor(
                 self._executor, functools.partial(self._forward, served, [example] * size, record=False))
             if probs.shape != (size, len(served.classes)) or not np.isfinite(probs).all():
                 raise ModelLoadError(f"warm-up at batch {size} gave {probs.shape} outputs"

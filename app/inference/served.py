@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Mapping, Sequence
@@ -16,16 +17,24 @@ from torch import nn
 
 from app.errors import DomainError
 from app.inference.images import ImageLimits, decode_image
-from models.checkpoint import CheckpointError, CheckpointMetadata, load_checkpoint, read_validation_outputs
+from models.checkpoint import (
+    CheckpointError,
+    CheckpointMetadata,
+    load_checkpoint,
+    read_familiarity,
+    read_validation_outputs,
+)
 from models.costs import CostMatrix
 from models.decision import Decision, VerdictPolicy, decide, refit_policy, with_accept_ceiling
 from models.evaluate import probabilities_from_outputs
+from models.ood import Familiarity, FeatureTaps
 from models.runtime import autocast_context, channels_last_input, prepare_for_inference
 from models.transforms import EvalPreset
 
 logger = logging.getLogger(__name__)
 
 _REFITS_KEPT = 8  # policies refitted for other cost matrices, kept per served model
+_UNFAMILIARITY_CAP = 1e9  # reported in place of an infinite or undefined ratio (still unfamiliar)
 
 
 class ModelLoadError(RuntimeError):
@@ -54,6 +63,10 @@ class ServedModel:
     channels_last: bool = True  # the memory layout `model`'s weights were prepared in (serve_channels_last)
     # Calibrated validation probabilities and labels the policy was fitted on (None for older checkpoints).
     validation: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+    # The unfamiliar-photo check (models.ood) and the hooks that read `model`'s feature stages for it
+    # (None for a checkpoint without one, or one that did not check out: logged at load).
+    familiarity: Familiarity | None = field(default=None, repr=False)
+    taps: FeatureTaps | None = field(default=None, repr=False)
     _policies: dict[str, tuple[VerdictPolicy, bool]] = field(default_factory=dict, repr=False)
     _policies_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -104,16 +117,27 @@ class Prediction:
     model_version: str
     classes: tuple[str, ...]
     served: ServedModel = field(repr=False)
+    stage_scores: np.ndarray | None = None  # (L,) the photo's scores at the familiarity check's stages
+
+    def unfamiliarity(self, rate: float) -> float | None:
+        """The photo's unfamiliarity for a false-alarm rate (`models.ood`); None when not checked."""
+        familiarity = self.served.familiarity
+        if familiarity is None or self.stage_scores is None or rate <= 0:
+            return None
+        value = float(familiarity.unfamiliarity(self.stage_scores[None, :], rate)[0])
+        return value if value <= _UNFAMILIARITY_CAP else _UNFAMILIARITY_CAP  # JSON has no inf or NaN
 
     def decide(self, *, prescribed: str, cost_matrix: CostMatrix, critical_cost: float,
-               max_accept_risk: float | None = None, top_k: int = 3) -> tuple[Decision, bool]:
+               max_accept_risk: float | None = None, unfamiliar_photo_rate: float = 0.0,
+               top_k: int = 3) -> tuple[Decision, bool]:
         """The verdict against a prescribed product key, and whether its policy was fitted for these costs.
 
         The active cost matrix is reindexed to the model's classes when needed (unknown pairs cost the
         default). The policy is this model version's, fitted (or refitted) for that matrix: see
         `ServedModel.policy_for`. A model stored without a fitted policy gets `VerdictPolicy.review_only`,
         whose `critical_cost` is the one given here; a fitted policy keeps the level it was fitted for.
-        No fill whose expected accept cost exceeds `max_accept_risk` (RXVERIFY_MAX_ACCEPT_RISK) is accepted.
+        No fill whose expected accept cost exceeds `max_accept_risk` (RXVERIFY_MAX_ACCEPT_RISK) is accepted,
+        and a photo the familiarity check flags at `unfamiliar_photo_rate` goes to review (0: not checked).
         """
         if prescribed not in self.classes:
             raise ProductNotServed(f"model {self.model_version} was not trained on product {prescribed}; "
@@ -121,7 +145,8 @@ class Prediction:
         costs = cost_matrix if cost_matrix.classes == self.classes else cost_matrix.reindexed(self.classes)
         policy, fitted = self.served.policy_for(costs, critical_cost=critical_cost, max_accept_risk=max_accept_risk)
         decision = decide(self.probs, prescribed_index=self.classes.index(prescribed), cost_matrix=costs,
-                          policy=policy, classes=self.classes, top_k=top_k)
+                          policy=policy, classes=self.classes, top_k=top_k,
+                          unfamiliarity=self.unfamiliarity(unfamiliar_photo_rate))
         return decision, fitted
 
 
@@ -183,10 +208,41 @@ def load_served_model(checkpoint_dir: str | Path, *, version: str, device: torch
     preset = EvalPreset.from_metadata(metadata)
     preset(Image.new("RGB", (preset.image_size + 7, preset.image_size), (128, 128, 128)))  # first-call costs
     example = torch.zeros(1, metadata.in_channels, preset.image_size, preset.image_size, device=device)
-    return ServedModel(model=prepare_for_inference(loaded.model, example, channels_last=channels_last),
-                       metadata=metadata, preset=preset, version=version, device=device,
+    model = prepare_for_inference(loaded.model, example, channels_last=channels_last)
+    familiarity, taps = familiarity_check(checkpoint_dir, model, example, weights_sha256=loaded.weights_sha256)
+    return ServedModel(model=model, metadata=metadata, preset=preset, version=version, device=device,
                        weights_sha256=loaded.weights_sha256, policy=policy, channels_last=channels_last,
-                       validation=validation)
+                       validation=validation, familiarity=familiarity, taps=taps)
+
+
+def familiarity_check(checkpoint_dir: str | Path, model: nn.Module, example: torch.Tensor, *,
+                      weights_sha256: str) -> tuple[Familiarity | None, FeatureTaps | None]:
+    """The checkpoint's familiarity check with hooks on `model`'s stages, once one forward shows they fit.
+
+    A checkpoint without one is served without the check (logged); so is one whose file is corrupt, names
+    other weights or does not fit the model's stages (logged as an error): like a missing verdict policy,
+    that is the operator's to fix, and the other checks still hold.
+    """
+    try:
+        familiarity = read_familiarity(checkpoint_dir, weights_sha256=weights_sha256)
+    except CheckpointError as error:
+        logger.error("%s: unfamiliar-photo check unusable, serving without it: %s", checkpoint_dir, error)
+        return None, None
+    if familiarity is None:
+        logger.warning("%s: no unfamiliar-photo check fitted; photos unlike the training photos get verdicts "
+                       "like any other", checkpoint_dir)
+        return None, None
+    taps = FeatureTaps(model, tuple(familiarity.stages))
+    try:
+        with torch.inference_mode(), taps.capture() as found:
+            model(example)
+        familiarity.scores({name: found[name].cpu().numpy() for name in familiarity.stages})
+    except (KeyError, ValueError, AttributeError) as error:
+        taps.remove()
+        logger.error("%s: the unfamiliar-photo check does not fit the model (%r), serving without it",
+                     checkpoint_dir, error)
+        return None, None
+    return familiarity, taps
 
 
 def validation_outputs(checkpoint_dir: str | Path, decision: Mapping[str, Any], *, num_classes: int,
@@ -219,7 +275,14 @@ def validation_outputs(checkpoint_dir: str | Path, decision: Mapping[str, Any], 
 
 def forward_probabilities(served: ServedModel, tensors: Sequence[torch.Tensor], *, autocast: bool = False
                           ) -> np.ndarray:
-    """One batched forward (inference mode): (B, K) temperature-calibrated probabilities.
+    """`forward_outputs`' probabilities alone."""
+    return forward_outputs(served, tensors, autocast=autocast)[0]
+
+
+def forward_outputs(served: ServedModel, tensors: Sequence[torch.Tensor], *, autocast: bool = False
+                    ) -> tuple[np.ndarray, np.ndarray | None]:
+    """One batched forward (inference mode): (B, K) temperature-calibrated probabilities, and the (B, L)
+    scores of the familiarity check's stages (None without one).
 
     Float32 unless `autocast` (bf16 autocast on CUDA, RXVERIFY_INFERENCE_AMP): the temperature and the
     verdict policy were fitted on float32 validation outputs. On an H100 (a trained 48 px `small_cnn`,
@@ -229,8 +292,13 @@ def forward_probabilities(served: ServedModel, tensors: Sequence[torch.Tensor], 
     inputs = torch.stack(list(tensors)).to(served.device)
     if served.channels_last:  # the layout the weights were prepared in; converted on the device it runs on
         inputs = channels_last_input(inputs)
-    with torch.inference_mode(), autocast_context(served.device, enabled=autocast):
-        outputs = served.model(inputs)
+    with contextlib.ExitStack() as stack:
+        found = stack.enter_context(served.taps.capture()) if served.taps is not None else None
+        with torch.inference_mode(), autocast_context(served.device, enabled=autocast):
+            outputs = served.model(inputs)
     probs = probabilities_from_outputs(outputs.float(), served.metadata.output_kind,
                                        temperature=served.metadata.temperature)
-    return probs.cpu().numpy().astype(np.float64)
+    scores = None
+    if found is not None and served.familiarity is not None:
+        scores = served.familiarity.scores({name: found[name].cpu().numpy() for name in served.familiarity.stages})
+    return probs.cpu().numpy().astype(np.float64), scores

@@ -42,6 +42,14 @@ class VerificationRead(BaseModel):
         description="True when the thresholds and conformal set were fitted for this cost-matrix version (refitted "
                     "on the model's validation outputs after a cost change). False for a model without a fitted "
                     "policy (every fill goes to review) or an older checkpoint that cannot be refitted.")
+    unfamiliarity: float | None = Field(
+        default=None, ge=0,
+        description="How unlike the model's training photos this photo is: the largest ratio of its feature "
+                    "distance to the threshold over the model's feature stages. Above 1 the verdict is "
+                    "`review` / `photo-unfamiliar` (an empty vial, a photo that is not a vial, a product the "
+                    "model was not trained on, a new camera). The threshold lets at most "
+                    "RXVERIFY_UNFAMILIAR_PHOTO_RATE of ordinary photos through to review. Null when the model "
+                    "has no fitted check or the check is turned off.")
     top: list[TopClass]
     conformal_set: list[str] = Field(description="Products the Mondrian conformal set keeps for this photo "
                                                  "(see the guarantee in the API description).")

@@ -11,12 +11,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from models.costs import DEFAULT_OFF_DIAGONAL_COST, CostMatrix
 from models.evaluate import cost_report
+
+if TYPE_CHECKING:
+    from models.ood import Familiarity
 
 SPLITS = ("valid", "test")
 
@@ -30,15 +33,14 @@ class SplitEvaluation:
     labels: Any
 
 
-def evaluate_checkpoint(checkpoint_dir: str | Path, *, data_root: str | Path, cost_matrix: CostMatrix,
-                        device: str = "cpu", splits: Sequence[str] = SPLITS,
-                        batch_size: int = 64) -> dict[str, SplitEvaluation]:
-    """Score a checkpoint on splits of a PMI-layout folder, preprocessed with the checkpoint's own EvalPreset."""
+def _split_loaders(checkpoint_dir: str | Path, *, data_root: str | Path, device: str, splits: Sequence[str],
+                   batch_size: int) -> tuple[Any, Any, dict[str, Any]]:
+    """The checkpoint loaded on `device`, its torch device, and a loader per split preprocessed with the
+    checkpoint's own EvalPreset."""
     from torch.utils.data import DataLoader
 
     from models.checkpoint import load_checkpoint
     from models.data import ImageFileDataset, load_image_folder
-    from models.evaluate import evaluate
     from models.runtime import select_device
     from models.transforms import EvalPreset
 
@@ -47,18 +49,46 @@ def evaluate_checkpoint(checkpoint_dir: str | Path, *, data_root: str | Path, co
     metadata = loaded.metadata
     data = load_image_folder(data_root, image_size=metadata.image_size, augment=False, classes=metadata.classes)
     preset = EvalPreset.from_metadata(metadata)
-    matrix = cost_matrix.reindexed(metadata.classes)
-    results: dict[str, SplitEvaluation] = {}
+    loaders = {}
     for split in splits:
         dataset = getattr(data, split)
         assert isinstance(dataset, ImageFileDataset)  # load_image_folder's contract
-        loader = DataLoader(dataset.with_transform(preset), batch_size=batch_size, shuffle=False)
+        loaders[split] = DataLoader(dataset.with_transform(preset), batch_size=batch_size, shuffle=False)
+    return loaded, torch_device, loaders
+
+
+def evaluate_checkpoint(checkpoint_dir: str | Path, *, data_root: str | Path, cost_matrix: CostMatrix,
+                        device: str = "cpu", splits: Sequence[str] = SPLITS,
+                        batch_size: int = 64) -> dict[str, SplitEvaluation]:
+    """Score a checkpoint on splits of a PMI-layout folder, preprocessed with the checkpoint's own EvalPreset."""
+    from models.evaluate import evaluate
+
+    loaded, torch_device, loaders = _split_loaders(checkpoint_dir, data_root=data_root, device=device,
+                                                   splits=splits, batch_size=batch_size)
+    metadata = loaded.metadata
+    matrix = cost_matrix.reindexed(metadata.classes)
+    results: dict[str, SplitEvaluation] = {}
+    for split, loader in loaders.items():
         result = evaluate(loaded.model, loader, cost_matrix=matrix, device=torch_device,
                           temperature=metadata.temperature, output_kind=metadata.output_kind)
         report = {**result.summary(), "classes": list(metadata.classes),
                   "confusion": result.confusion.astype(int).tolist()}
         results[split] = SplitEvaluation(report=_plain(report), probs=result.probs, labels=result.labels)
     return results
+
+
+def fit_checkpoint_familiarity(checkpoint_dir: str | Path, *, data_root: str | Path, device: str = "cpu",
+                               batch_size: int = 64) -> Familiarity:
+    """`models.ood`'s familiarity model of a checkpoint: its feature stages on the train split, thresholds'
+    scores on the valid split (ValueError when it cannot be fitted: too few photos, no feature stages)."""
+    from models.ood import collect_features, fit_familiarity
+
+    loaded, torch_device, loaders = _split_loaders(checkpoint_dir, data_root=data_root, device=device,
+                                                   splits=("train", "valid"), batch_size=batch_size)
+    train = collect_features(loaded.model, loaders["train"], device=torch_device)
+    valid, _labels = collect_features(loaded.model, loaders["valid"], device=torch_device)
+    return fit_familiarity(train, valid, num_classes=loaded.metadata.num_classes,
+                           weights_sha256=loaded.weights_sha256)
 
 
 def rescore(report: dict[str, Any], cost_matrix: CostMatrix) -> dict[str, Any]:

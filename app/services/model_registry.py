@@ -27,9 +27,11 @@ from app.services.audit import Actor, record_change
 from app.services.products import catalog_keys
 from models.checkpoint import (
     CHECKPOINT_FILES,
+    OPTIONAL_FILES,
     VALIDATION_FILE,
     WEIGHTS_FILE,
     CheckpointError,
+    read_familiarity,
     read_metadata,
     read_validation_outputs,
     weights_sha256,
@@ -87,8 +89,8 @@ def _copy_content_addressed(source: Path, target: Path) -> None:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         for name in CHECKPOINT_FILES:
-            if name == VALIDATION_FILE and not (source / name).is_file():
-                continue  # optional: a model without it keeps the policy it was fitted with
+            if name in OPTIONAL_FILES and not (source / name).is_file():
+                continue  # e.g. a model without validation outputs keeps the policy it was fitted with
             shutil.copy2(source / name, staging / name)
         if (target / WEIGHTS_FILE).is_file():
             return  # another process registered the same weights first: same bytes by construction
@@ -110,6 +112,7 @@ def register_checkpoint(session: Session, *, source: str | Path, settings: Setti
             if not isinstance(expected, str):
                 raise CheckpointError(f"{source / VALIDATION_FILE} is not named in the metadata (no validation_sha256)")
             read_validation_outputs(source, expected_sha256=expected, num_classes=len(metadata.classes))
+        read_familiarity(source, weights_sha256=sha256)
     except CheckpointError as error:
         raise _invalid(str(error), code="invalid_checkpoint") from error
     existing = find_by_sha256(session, sha256)

@@ -237,7 +237,7 @@ def response_body(row: Verification, *, decision: Decision, model_sha256: str,
             "predicted_ndc": decision.predicted, "probability_prescribed": decision.probability_prescribed,
             "expected_accept_cost": decision.expected_accept_cost,
             "accept_risk_threshold": decision.accept_risk_threshold,
-            "policy_fitted_for_cost_matrix": policy_fitted,
+            "policy_fitted_for_cost_matrix": policy_fitted, "unfamiliarity": decision.unfamiliarity,
             "top": [{"ndc": ndc, "probability": p} for ndc, p in decision.top],
             "conformal_set": list(decision.conformal_set), "model_version": row.model_version_id,
             "model_sha256": model_sha256, "cost_matrix_version": row.cost_matrix_version_id,
@@ -278,7 +278,8 @@ def conclude(session: Session, *, settings: Settings, prepared: Prepared, predic
     # a model without one never auto-accepts (review_only).
     decision, policy_fitted = prediction.decide(prescribed=prepared.prescribed_ndc, cost_matrix=matrix,
                                                 critical_cost=settings.critical_cost_threshold,
-                                                max_accept_risk=settings.max_accept_risk, top_k=TOP_K)
+                                                max_accept_risk=settings.max_accept_risk,
+                                                unfamiliar_photo_rate=settings.unfamiliar_photo_rate, top_k=TOP_K)
     image_path, created = (retain_image(settings, data=image, sha256=prepared.image_sha256,
                                         image_format=image_info.format)
                            if settings.retain_images else (None, False))

@@ -62,10 +62,12 @@ def simulated_validation(classes: Sequence[str], *, per_class: int = 12, seed: i
 
 def make_checkpoint(directory: Path, *, classes: Sequence[str] = SERVED_CLASSES, favourite: str = FAVOURITE,
                     confidence: float = 0.98, image_size: int = 32, fitted: bool = True, seed: int = 0,
-                    arch: str = "tiny_cnn", store_validation: bool = True) -> Path:
+                    arch: str = "tiny_cnn", store_validation: bool = True, familiar_photos: int = 0) -> Path:
     """Save a rigged checkpoint (see the module docstring); `fitted=False` stores no verdict policy.
 
     `store_validation=False` leaves out the validation outputs (a checkpoint from before they were stored).
+    `familiar_photos` > 0 fits the unfamiliar-photo check (`models.ood`) on that many `jpeg_photo` noise
+    photos per split (labels dealt round the classes): noise is then what this model knows.
     """
     classes = tuple(classes)
     torch.manual_seed(seed)
@@ -89,10 +91,33 @@ def make_checkpoint(directory: Path, *, classes: Sequence[str] = SERVED_CLASSES,
     metadata = CheckpointMetadata(classes=classes, arch=arch, in_channels=3, image_size=image_size,
                                   mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), method="baseline",
                                   decision=decision)
-    save_checkpoint(directory, model=model, metadata=metadata)
-    if validation is not None:
-        with_updated_metadata(directory, directory, validation=validation)
+    sha256 = save_checkpoint(directory, model=model, metadata=metadata)
+    familiarity = (fit_noise_familiarity(model, metadata, photos=familiar_photos, weights_sha256=sha256)
+                   if familiar_photos else None)
+    if validation is not None or familiarity is not None:
+        with_updated_metadata(directory, directory, validation=validation, familiarity=familiarity)
     return directory
+
+
+def fit_noise_familiarity(model: torch.nn.Module, metadata: CheckpointMetadata, *, photos: int,
+                          weights_sha256: str) -> bytes:
+    """The familiarity file of a model that has only ever seen `jpeg_photo` noise (see make_checkpoint)."""
+    from app.inference.images import decode_image
+    from models.ood import collect_features, fit_familiarity
+    from models.transforms import EvalPreset
+
+    preset = EvalPreset.from_metadata(metadata)
+
+    def batches(first: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        tensors = [preset(decode_image(jpeg_photo(seed=first + i), max_bytes=1 << 20, max_pixels=1 << 20,
+                                       draft_size=preset.draft_request))  # decoded as the API decodes
+                   for i in range(photos)]
+        labels = torch.arange(photos) % metadata.num_classes
+        return [(torch.stack(tensors), labels)]
+
+    train = collect_features(model, batches(1000), device="cpu")
+    valid, _labels = collect_features(model, batches(2000), device="cpu")
+    return fit_familiarity(train, valid, num_classes=metadata.num_classes, weights_sha256=weights_sha256).to_bytes()
 
 
 _cache: dict[tuple[Any, ...], Path] = {}

@@ -7,6 +7,7 @@ import os
 import socket
 import stat
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -127,6 +128,10 @@ def test_a_crashed_training_registers_nothing_and_the_next_run_reuses_the_datase
     assert "dataset 'demo' is registered" in said and "reusing it" in said
     assert f"model version {version_id} registered and active: test accuracy" in said
     assert _count(database, ModelVersion) == 1 and _count(database, Dataset) == 1
+    with database.session() as session:  # the demo model is served with its unfamiliar-photo check
+        version = session.get(ModelVersion, version_id)
+        assert version is not None and version.metrics["familiarity"]["fitted"]
+        assert (Path(version.path) / "familiarity.safetensors").is_file()
     assert not (database.settings.data_dir / "first-run").exists()
     assert first_run.ensure_model(database.settings, database) == version_id  # nothing more to do
     assert f"model version {version_id} (tiny_cnn, baseline) is active; reusing it" in capsys.readouterr().out

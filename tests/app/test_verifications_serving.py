@@ -244,3 +244,50 @@ def test_validation_outputs_are_checked_at_registration_and_a_bad_file_never_blo
     # Already on disk (say, damaged after registration): the model still serves, with its stored policy.
     served = load_served_model(bad, version="bad", device=torch.device("cpu"))
     assert served.validation is None and served.policy is not None and served.policy.accepts
+
+
+def test_a_photo_unlike_the_training_photos_goes_to_review_and_the_check_can_be_turned_off(
+        seeded_sqlite_template: Any, tmp_path: Path, make_client: Any, checkpoint_root: Path) -> None:
+    from tests.app.model_factory import image_bytes
+
+    template, keys = seeded_sqlite_template
+    # The rigged model always answers the favourite at 0.98; its check was fitted on noise photos.
+    checkpoint = cached_checkpoint(checkpoint_root, familiar_photos=60)
+    settings = served_settings(template, tmp_path / "data", checkpoint=checkpoint, unfamiliar_photo_rate=0.1)
+    client = make_client(settings)
+    familiar = post_verification(client, keys[Role.CLIENT], image=jpeg_photo(seed=5)).json()
+    assert (familiar["verdict"], familiar["reason"]) == ("match", "accepted")
+    assert 0 < familiar["unfamiliarity"] <= 1
+    # A smooth gradient is nothing like noise: same probabilities, but it is not trusted.
+    odd = post_verification(client, keys[Role.CLIENT], image=image_bytes("PNG")).json()
+    assert (odd["verdict"], odd["reason"], odd["predicted_ndc"]) == ("review", "photo-unfamiliar", "00378-0208")
+    assert odd["unfamiliarity"] > 1 and odd["probability_prescribed"] == familiar["probability_prescribed"]
+    stored = client.get(f"/v1/verifications/{odd['id']}", headers={"X-API-Key": keys[Role.PHARMACIST]}).json()
+    assert stored["reason"] == "photo-unfamiliar" and stored["unfamiliarity"] == odd["unfamiliarity"]
+    metrics = client.get("/metrics").text
+    assert f'rxverify_unfamiliar_photos_total{{model_version="{odd["model_version"]}"}}' in metrics
+
+    off = make_client(served_settings(template, tmp_path / "off", checkpoint=checkpoint, unfamiliar_photo_rate=0))
+    unchecked = post_verification(off, keys[Role.CLIENT], image=image_bytes("PNG")).json()
+    assert (unchecked["verdict"], unchecked["unfamiliarity"]) == ("match", None)
+
+
+def test_a_familiarity_file_for_other_weights_is_refused_at_registration_and_skipped_when_serving(
+        seeded_sqlite_template: Any, tmp_path: Path, checkpoint_root: Path) -> None:
+    import shutil
+
+    from app.inference.served import load_served_model
+    from models.checkpoint import FAMILIARITY_FILE
+
+    template, _keys = seeded_sqlite_template
+    settings = served_settings(template, tmp_path / "data", checkpoint=None)
+    other = cached_checkpoint(checkpoint_root, familiar_photos=60, seed=3)
+    mixed = tmp_path / "mixed"
+    shutil.copytree(cached_checkpoint(checkpoint_root, familiar_photos=60), mixed)
+    shutil.copy2(other / FAMILIARITY_FILE, mixed / FAMILIARITY_FILE)
+    with pytest.raises(InvalidInput, match="other weights"):
+        _register(settings, mixed)
+    served = load_served_model(mixed, version="mixed", device=torch.device("cpu"))  # damaged on disk: no check
+    assert served.familiarity is None and served.taps is None and served.policy is not None
+    good = load_served_model(other, version="other", device=torch.device("cpu"))
+    assert good.familiarity is not None and good.taps is not None

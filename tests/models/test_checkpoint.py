@@ -15,6 +15,7 @@ from torch import nn
 
 from models import checkpoint as checkpoint_module
 from models.checkpoint import (
+    FAMILIARITY_FILE,
     METADATA_FILE,
     VALIDATION_FILE,
     WEIGHTS_FILE,
@@ -22,6 +23,7 @@ from models.checkpoint import (
     CheckpointMetadata,
     encode_validation_outputs,
     load_checkpoint,
+    read_familiarity,
     read_metadata,
     read_validation_outputs,
     save_checkpoint,
@@ -302,6 +304,27 @@ def test_validation_outputs_travel_with_the_checkpoint_and_are_checked(tmp_path:
         read_validation_outputs(tmp_path / "c")
     with pytest.raises(ValueError, match="N labels"):
         encode_validation_outputs(probs, labels[:4])
+
+
+def test_the_familiarity_file_travels_with_its_weights_and_names_them(tmp_path: Path) -> None:
+    from models.ood import collect_features, fit_familiarity
+
+    model = trained_model()
+    sha = save_checkpoint(tmp_path / "a", model=model, metadata=make_metadata())
+    assert read_familiarity(tmp_path / "a", weights_sha256=sha) is None  # optional
+    loader = [(torch.rand(12, 3, 16, 16), torch.arange(12) % 3)]
+    train = collect_features(model, loader, device="cpu")
+    data = fit_familiarity(train, train[0], num_classes=3, weights_sha256=sha).to_bytes()
+    with_updated_metadata(tmp_path / "a", tmp_path / "b", familiarity=data)
+    # Carried over by every metadata change, a new temperature and policy included: it reads the weights only.
+    with_updated_metadata(tmp_path / "b", tmp_path / "c", temperature=1.5, decision={})
+    assert (tmp_path / "c" / FAMILIARITY_FILE).read_bytes() == data
+    assert read_familiarity(tmp_path / "c", weights_sha256=sha) is not None
+    with pytest.raises(CheckpointError, match="other weights"):
+        read_familiarity(tmp_path / "c", weights_sha256="0" * 64)
+    (tmp_path / "c" / FAMILIARITY_FILE).write_bytes(b"not safetensors")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        read_familiarity(tmp_path / "c", weights_sha256=sha)
 
 
 def test_load_to_device_argument(tmp_path: Path) -> None:

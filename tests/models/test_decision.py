@@ -94,6 +94,26 @@ def test_low_probability_inside_the_conformal_set_is_review_not_mismatch() -> No
     assert (decision.verdict, decision.reason) == ("review", "prescribed-not-top")
 
 
+def test_an_unfamiliar_photo_goes_to_review_whatever_its_probabilities_say() -> None:
+    policy, matrix = make_policy(), costs()
+    for probs, r, usual in (([0.9, 0.06, 0.04], 0, "match"), ([0.02, 0.9, 0.08], 0, "mismatch")):
+        assert verdict(probs, r).verdict == usual
+        for score in (1.0001, float("inf"), float("nan")):  # a NaN score is never taken as familiar
+            flagged = decide(np.array(probs), prescribed_index=r, cost_matrix=matrix, policy=policy, classes=CLASSES,
+                             unfamiliarity=score)
+            assert (flagged.verdict, flagged.reason) == ("review", "photo-unfamiliar")
+        familiar = decide(np.array(probs), prescribed_index=r, cost_matrix=matrix, policy=policy, classes=CLASSES,
+                          unfamiliarity=1.0)
+        assert familiar.verdict == usual and familiar.unfamiliarity == 1.0
+    batch = decide_batch(np.array([[0.9, 0.06, 0.04]] * 3), prescribed_indices=[0, 0, 0], cost_matrix=matrix,
+                         policy=policy, classes=CLASSES, unfamiliarity=[None, 0.5, 3.0])
+    assert [(d.reason, d.unfamiliarity) for d in batch] == [("accepted", None), ("accepted", 0.5),
+                                                             ("photo-unfamiliar", 3.0)]
+    with pytest.raises(ValueError, match="unfamiliarity"):
+        decide_batch(np.array([[0.9, 0.06, 0.04]]), prescribed_indices=[0], cost_matrix=matrix, policy=policy,
+                     classes=CLASSES, unfamiliarity=[1.0, 2.0])
+
+
 def test_plausible_but_not_top_is_review() -> None:
     decision = verdict([0.3, 0.6, 0.1], 0)
     assert (decision.verdict, decision.reason) == ("review", "prescribed-not-top")

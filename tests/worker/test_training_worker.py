@@ -64,6 +64,12 @@ def test_a_csada_job_succeeds_and_registers_a_model_with_metrics(fleet: Fleet) -
     stored = fleet.settings.checkpoints_dir / model["sha256"] / "validation.safetensors"
     assert hashlib.sha256(stored.read_bytes()).hexdigest() == model["decision"]["validation_sha256"]
     assert model["sha256"] == result["weights_sha256"]
+    # So is the unfamiliar-photo check, fitted on the job's train split and named after these weights.
+    from models.checkpoint import read_familiarity
+
+    familiarity = read_familiarity(stored.parent, weights_sha256=model["sha256"])
+    assert familiarity is not None and familiarity.n_valid == 12
+    assert model["metrics"]["familiarity"]["fitted"] and model["metrics"]["familiarity"]["n_valid"] == 12
 
     promotion = result["promotion"]
     history = fleet.client.get(f"{MODELS}/promotions", headers=fleet.headers()).json()
