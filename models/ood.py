@@ -192,6 +192,7 @@ class Familiarity:
     stages: Mapping[str, StageDensity]
     weights_sha256: str
     report: dict[str, Any] = field(default_factory=dict)
+    _thresholds: dict[float, np.ndarray] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.stages:
@@ -210,9 +211,14 @@ class Familiarity:
         return np.stack([stage.scores(features[name]) for name, stage in self.stages.items()], axis=1)
 
     def thresholds(self, rate: float) -> np.ndarray:
-        """(L,) per-stage thresholds for a false-alarm rate `rate` in all (see the module doc)."""
-        share = rate / len(self.stages)
-        return np.array([conformal_threshold(stage.valid_scores, share) for stage in self.stages.values()])
+        """(L,) per-stage thresholds for a false-alarm rate `rate` in all (see the module doc); cached per rate."""
+        found = self._thresholds.get(rate)
+        if found is None:
+            share = rate / len(self.stages)
+            found = np.array([conformal_threshold(stage.valid_scores, share) for stage in self.stages.values()])
+            if len(self._thresholds) < 8:  # a service uses one rate; a bound against callers that vary it
+                self._thresholds[rate] = found
+        return found
 
     def unfamiliarity(self, scores: np.ndarray, rate: float) -> np.ndarray:
         """(N,) the largest score / threshold ratio over the stages: above 1, the photo is unfamiliar.
