@@ -232,13 +232,15 @@ def familiarity_check(checkpoint_dir: str | Path, model: nn.Module, example: tor
         logger.warning("%s: no unfamiliar-photo check fitted; photos unlike the training photos get verdicts "
                        "like any other", checkpoint_dir)
         return None, None
-    taps = FeatureTaps(model, tuple(familiarity.stages))
+    taps: FeatureTaps | None = None
     try:
+        taps = FeatureTaps(model, tuple(familiarity.stages))  # AttributeError: no such submodule
         with torch.inference_mode(), taps.capture() as found:
             model(example)
         familiarity.scores({name: found[name].cpu().numpy() for name in familiarity.stages})
     except (KeyError, ValueError, AttributeError) as error:
-        taps.remove()
+        if taps is not None:
+            taps.remove()
         logger.error("%s: the unfamiliar-photo check does not fit the model (%r), serving without it",
                      checkpoint_dir, error)
         return None, None
@@ -292,10 +294,9 @@ def forward_outputs(served: ServedModel, tensors: Sequence[torch.Tensor], *, aut
     inputs = torch.stack(list(tensors)).to(served.device)
     if served.channels_last:  # the layout the weights were prepared in; converted on the device it runs on
         inputs = channels_last_input(inputs)
-    with contextlib.ExitStack() as stack:
-        found = stack.enter_context(served.taps.capture()) if served.taps is not None else None
-        with torch.inference_mode(), autocast_context(served.device, enabled=autocast):
-            outputs = served.model(inputs)
+    capture = served.taps.capture() if served.taps is not None else contextlib.nullcontext(None)
+    with capture as found, torch.inference_mode(), autocast_context(served.device, enabled=autocast):
+        outputs = served.model(inputs)
     probs = probabilities_from_outputs(outputs.float(), served.metadata.output_kind,
                                        temperature=served.metadata.temperature)
     scores = None

@@ -291,3 +291,16 @@ def test_a_familiarity_file_for_other_weights_is_refused_at_registration_and_ski
     assert served.familiarity is None and served.taps is None and served.policy is not None
     good = load_served_model(other, version="other", device=torch.device("cpu"))
     assert good.familiarity is not None and good.taps is not None
+    # Named after these weights but for stages the model does not have: served without the check too.
+    from models.checkpoint import read_familiarity
+    from models.ood import Familiarity
+
+    fitted = read_familiarity(other, weights_sha256=good.weights_sha256)
+    assert fitted is not None
+    renamed = tmp_path / "renamed"
+    shutil.copytree(other, renamed)
+    (renamed / FAMILIARITY_FILE).write_bytes(Familiarity(
+        stages={f"missing.{name}": stage for name, stage in fitted.stages.items()},
+        weights_sha256=good.weights_sha256).to_bytes())
+    served = load_served_model(renamed, version="renamed", device=torch.device("cpu"))
+    assert served.familiarity is None and served.taps is None
