@@ -160,7 +160,10 @@ class StageDensity:
         return int(self.means.shape[1])
 
     def scores(self, features: Any) -> np.ndarray:
-        """(N,) smallest squared Mahalanobis distance of each row to a class mean."""
+        """(N,) smallest squared Mahalanobis distance of each row to a class mean (an array, or a tensor on
+        any device, as `FeatureTaps.capture` records them)."""
+        if isinstance(features, torch.Tensor):
+            features = features.detach().cpu().numpy()
         array = np.asarray(features, dtype=np.float64)
         if array.ndim != 2 or array.shape[1] != self.dim:
             raise ValueError(f"features must have shape (N, {self.dim}) (got {array.shape})")
@@ -207,7 +210,7 @@ class Familiarity:
         return len(next(iter(self.stages.values())).valid_scores)
 
     def scores(self, features: Mapping[str, Any]) -> np.ndarray:
-        """(N, L) scores of N photos at the L stages, from {stage: (N, C) features}."""
+        """(N, L) scores of N photos at the L stages, from {stage: (N, C) features} (arrays or tensors)."""
         return np.stack([stage.scores(features[name]) for name, stage in self.stages.items()], axis=1)
 
     def thresholds(self, rate: float) -> np.ndarray:

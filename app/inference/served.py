@@ -237,7 +237,7 @@ def familiarity_check(checkpoint_dir: str | Path, model: nn.Module, example: tor
         taps = FeatureTaps(model, tuple(familiarity.stages))  # AttributeError: no such submodule
         with torch.inference_mode(), taps.capture() as found:
             model(example)
-        familiarity.scores({name: found[name].cpu().numpy() for name in familiarity.stages})
+        familiarity.scores(found)
     except (KeyError, ValueError, AttributeError) as error:
         if taps is not None:
             taps.remove()
@@ -301,5 +301,5 @@ def forward_outputs(served: ServedModel, tensors: Sequence[torch.Tensor], *, aut
                                        temperature=served.metadata.temperature)
     scores = None
     if found is not None and served.familiarity is not None:
-        scores = served.familiarity.scores({name: found[name].cpu().numpy() for name in served.familiarity.stages})
+        scores = served.familiarity.scores(found)
     return probs.cpu().numpy().astype(np.float64), scores
