@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import re
+
 import pytest
 import yaml
 
@@ -17,6 +19,30 @@ ROOT = Path(__file__).resolve().parents[2]
 def compose() -> dict[str, Any]:
     data: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     return data
+
+
+# Compose's variable syntax as far as docker-compose.yml uses it: ${NAME}, ${NAME:-default}, ${NAME:?error}.
+_VARIABLE = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:[-?])(?P<arg>[^}]*))?\}")
+
+
+def interpolate(value: Any, env: dict[str, str]) -> Any:
+    """Substitute compose variables in every string of `value`, raising where compose would refuse to start."""
+    if isinstance(value, dict):
+        return {key: interpolate(item, env) for key, item in value.items()}
+    if isinstance(value, list):
+        return [interpolate(item, env) for item in value]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        name, op, arg = match.group("name", "op", "arg")
+        if env.get(name):
+            return env[name]
+        if op == ":?":
+            raise LookupError(f"{name}: {arg}")
+        return arg if op == ":-" else ""
+
+    return _VARIABLE.sub(substitute, value)
 
 
 def _command(service: dict[str, Any]) -> str:
@@ -59,7 +85,8 @@ def test_commands(compose: dict[str, Any]) -> None:
     assert "rxverify migrate" in _command(services["migrate"])
     assert "rxverify catalog seed-pmi" in _command(services["migrate"])
     assert services["api"]["command"] == ["rxverify", "serve", "--host", "0.0.0.0", "--port", "8000"]
-    assert services["api"]["ports"] == ["8000:8000"]
+    assert interpolate(services["api"]["ports"], {}) == ["127.0.0.1:8000:8000"]
+    assert interpolate(services["api"]["ports"], {"API_BIND": "0.0.0.0"}) == ["0.0.0.0:8000:8000"]
     worker = _command(services["worker"])
     assert worker.startswith("rxverify worker") and "--pool solo" in worker and "training" in worker
 
@@ -70,8 +97,20 @@ def test_worker_reserves_a_gpu(compose: dict[str, Any]) -> None:
     assert compose["services"]["worker"]["environment"]["RXVERIFY_DEVICE"] == "cuda"
 
 
+def test_database_password_is_required_not_written_down(compose: dict[str, Any]) -> None:
+    """No password lives in the file: compose refuses to start until POSTGRES_PASSWORD is set."""
+    for name in ("postgres", "migrate", "api", "worker"):
+        with pytest.raises(LookupError, match="POSTGRES_PASSWORD"):
+            interpolate(compose["services"][name]["environment"], {})
+    example = (ROOT / "deploy.env.example").read_text()
+    assert re.search(r"^POSTGRES_PASSWORD=$", example, re.MULTILINE)
+    for ignore_file in (".gitignore", ".dockerignore"):
+        assert ".env" in (ROOT / ignore_file).read_text().splitlines()
+
+
 def test_environment_wiring(compose: dict[str, Any], tmp_path: Path) -> None:
-    services = compose["services"]
+    services = interpolate(compose["services"], {"POSTGRES_PASSWORD": "0123abcd"})
+    assert services["postgres"]["environment"]["POSTGRES_PASSWORD"] == "0123abcd"
     postgres = services["postgres"]["environment"]
     expected_db = (f"postgresql+psycopg://{postgres['POSTGRES_USER']}:{postgres['POSTGRES_PASSWORD']}"
                    f"@postgres:5432/{postgres['POSTGRES_DB']}")
