@@ -17,7 +17,7 @@ from app.errors import FieldError, InvalidInput, NotFound
 from app.ndc import NdcError, resolve_ndc
 from app.orm import Resolution, Verification, utcnow
 from app.schemas.common import has_control_characters
-from app.services.audit import Actor
+from app.services.audit import Actor, record_change
 from app.services.products import catalog_keys, ndc_field_error
 
 
@@ -113,16 +113,27 @@ def latest_resolutions(session: Session, verification_ids: Sequence[str]) -> dic
 
 def add_resolution(session: Session, *, verification_id: str, actual_ndc: str | None, checked_by: str | None,
                    note: str | None, actor: Actor) -> tuple[Resolution, Verification]:
-    """Record what was really in the bottle (append-only: a later resolution supersedes an earlier one)."""
+    """Record what was really in the bottle (append-only: a later resolution supersedes an earlier one).
+
+    A resolution labels a training example, so it is also an administrative change: the admin audit log
+    gets a `verification.resolve` entry, naming the resolution it supersedes, in the same transaction.
+    """
     row = get_verification(session, verification_id)
     key = _product_key(session, actual_ndc, "actual_ndc") if actual_ndc is not None else None
     if key is None and not (note and note.strip()):
         raise InvalidInput("a resolution without a catalog product needs a note saying what was in the bottle",
                            errors=[FieldError("note", "required when actual_ndc is null", "missing")])
+    previous = latest_resolutions(session, [row.id]).get(row.id)
     resolution = Resolution(verification_id=row.id, actual_ndc=key, resolved_by=checked_by or actor.name,
                             resolved_by_key_id=actor.key_id, note=note, created_at=utcnow())
     session.add(resolution)
     session.flush()
+    record_change(session, actor=actor, action="verification.resolve", entity_type="verification", entity_id=row.id,
+                  reason=note, details={
+                      "resolution_id": resolution.id, "actual_ndc": key, "prescribed_ndc": row.prescribed_ndc,
+                      "checked_by": resolution.resolved_by, "labelled_example": key is not None and row.image_path is not None,
+                      "supersedes": None if previous is None else {"resolution_id": previous.id,
+                                                                   "actual_ndc": previous.actual_ndc}})
     return resolution, row
 
 

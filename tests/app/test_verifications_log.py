@@ -110,6 +110,22 @@ def test_resolution_errors(served_any: ApiEnv) -> None:
                                    json={"actual_ndc": None, "note": "a product we do not stock"})
     assert other.status_code == 201 and other.json()["labelled_example"] is False
     assert other.json()["checked_by"].startswith("test pharmacist")
+    # Each resolution is an admin audit entry, in the same transaction: the refused ones left none.
+    audit = served_any.client.get("/v1/admin/audit-log", headers=headers,
+                                  params={"action": "verification.resolve", "entity_id": made["id"]}).json()
+    assert [entry["details"]["resolution_id"] for entry in audit["items"]] == [other.json()["id"]]
+    entry = audit["items"][0]
+    assert entry["entity_type"] == "verification" and entry["reason"] == "a product we do not stock"
+    assert entry["details"]["actual_ndc"] is None and entry["details"]["supersedes"] is None
+    relabel = served_any.client.post(f"/v1/verifications/{made['id']}/resolution", headers=headers,
+                                     json={"actual_ndc": FAVOURITE, "checked_by": "R. Ph. Lee"})
+    assert relabel.status_code == 201, relabel.text
+    newest = served_any.client.get("/v1/admin/audit-log", headers=headers,
+                                   params={"action": "verification.resolve", "entity_id": made["id"]}).json()["items"][0]
+    assert newest["details"] == {"resolution_id": relabel.json()["id"], "actual_ndc": FAVOURITE,
+                                 "prescribed_ndc": FAVOURITE, "checked_by": "R. Ph. Lee", "labelled_example": True,
+                                 "supersedes": {"resolution_id": other.json()["id"], "actual_ndc": None}}
+    assert newest["actor"].startswith("test pharmacist") and newest["reason"] is None
     assert served_any.client.get("/v1/verifications/nope", headers=headers).status_code == 404
 
 
