@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
 
 from app.api.deps import AdminActor, KeyFirstRoute, SessionDep
+from app.api.paging import NEXT_LINK_RESPONSE, link_next_page
 from app.orm import ApiKey
 from app.schemas.api_keys import ApiKeyCreate, ApiKeyCreated, ApiKeyRead, ApiKeyRevoke
-from app.schemas.common import IdPath, problem_responses
+from app.schemas.common import IdPath, IdQuery, problem_responses
 from app.services import api_keys as service
 
 router = APIRouter(route_class=KeyFirstRoute, prefix="/v1/admin/api-keys", tags=["api keys"], responses=problem_responses(401, 403, 422))
 
 
-@router.get("", response_model=list[ApiKeyRead])
-def list_keys(_actor: AdminActor, session: SessionDep, include_revoked: bool = True) -> list[ApiKeyRead]:
-    """Every key, without secrets."""
-    return [ApiKeyRead.model_validate(k) for k in service.list_api_keys(session, include_revoked=include_revoked)]
+@router.get("", response_model=list[ApiKeyRead], responses=NEXT_LINK_RESPONSE)
+def list_keys(_actor: AdminActor, session: SessionDep, request: Request, response: Response,
+              include_revoked: bool = True, limit: Annotated[int, Query(ge=1, le=200)] = 50,
+              before_id: IdQuery = None) -> list[ApiKeyRead]:
+    """Keys, newest first, without secrets."""
+    keys = service.list_api_keys(session, include_revoked=include_revoked, limit=limit, before_id=before_id)
+    link_next_page(request, response, [k.id for k in keys], limit=limit)
+    return [ApiKeyRead.model_validate(k) for k in keys]
 
 
 @router.post("", response_model=ApiKeyCreated, status_code=201)

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from sqlalchemy.orm import Session
 
 from app.api.deps import KeyFirstRoute, PharmacistActor, SessionDep, SettingsDep
+from app.api.paging import NEXT_LINK_RESPONSE, link_next_page
 from app.errors import DomainError, FieldError, InvalidInput
 from app.orm import CostMatrixVersion
 from app.schemas.common import MAX_ID, NO_CONTROL_PATTERN, IdQuery, problem_responses
@@ -59,11 +60,14 @@ def _read(session: Session, version: CostMatrixVersion) -> CostMatrixRead:
     return CostMatrixRead(**summary.model_dump(), entries=entries)
 
 
-@router.get("", response_model=list[CostMatrixSummary])
-def list_versions(_actor: PharmacistActor, session: SessionDep) -> list[CostMatrixSummary]:
-    """Every version, oldest first."""
+@router.get("", response_model=list[CostMatrixSummary], responses=NEXT_LINK_RESPONSE)
+def list_versions(_actor: PharmacistActor, session: SessionDep, request: Request, response: Response,
+                  limit: Annotated[int, Query(ge=1, le=200)] = 50, before_id: IdQuery = None) -> list[CostMatrixSummary]:
+    """Versions, newest first, without their entries (read one version for those)."""
+    versions = service.list_versions(session, limit=limit, before_id=before_id)
+    link_next_page(request, response, [v.id for v in versions], limit=limit)
     active_id = service.active_version_id(session)
-    return [_summary(v, active_id) for v in service.list_versions(session)]
+    return [_summary(v, active_id) for v in versions]
 
 
 @router.post("", response_model=CostMatrixRead, status_code=201, responses=problem_responses(409))

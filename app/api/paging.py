@@ -1,5 +1,6 @@
-"""Keyset paging of the lists that answer a bare JSON array (newest first, `before_id`): an RFC 8288
-`Link: <...>; rel="next"` header when the page is full, so a client need not build the next URL itself."""
+"""Keyset paging of the lists that answer a bare JSON array: an RFC 8288 `Link: <...>; rel="next"` header
+when the page is full, so a client need not build the next URL itself. Lists of records are newest first and
+page by `before_id`; the catalog is in NDC order and pages by `after_ndc`."""
 
 from __future__ import annotations
 
@@ -8,13 +9,31 @@ from typing import Any
 
 from fastapi import Request, Response
 
-NEXT_LINK_RESPONSE: dict[int | str, dict[str, Any]] = {200: {"headers": {"Link": {
-    "description": 'The next (older) page, when this one is full: `<path?...&before_id=N>; rel="next"`.',
-    "schema": {"type": "string"}}}}}
+
+
+def next_link_response(page: str) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI description of the `Link` header, for `responses=`."""
+    return {200: {"headers": {"Link": {"description": f'The next page, when this one is full: {page}.',
+                                       "schema": {"type": "string"}}}}}
+
+
+NEXT_LINK_RESPONSE = next_link_response('`<path?...&before_id=N>; rel="next"`, older entries')
+NEXT_LINK_AFTER_NDC_RESPONSE = next_link_response('`<path?...&after_ndc=NDC>; rel="next"`, the NDCs that follow')
 
 
 def link_next_page(request: Request, response: Response, ids: Sequence[int], *, limit: int) -> None:
     """Set `Link: rel="next"` to this request's URL with `before_id` the page's smallest id, if it is full."""
     if ids and len(ids) >= limit:
-        url = request.url.include_query_params(before_id=min(ids), limit=limit)
-        response.headers["Link"] = f'<{url.path}?{url.query}>; rel="next"'
+        _link_next(request, response, limit=limit, before_id=min(ids))
+
+
+def link_next_page_after(request: Request, response: Response, keys: Sequence[str], *, limit: int,
+                         param: str) -> None:
+    """Set `Link: rel="next"` with `param` the page's largest key (ascending lists), if the page is full."""
+    if keys and len(keys) >= limit:
+        _link_next(request, response, limit=limit, **{param: max(keys)})
+
+
+def _link_next(request: Request, response: Response, **params: str | int) -> None:
+    url = request.url.include_query_params(**params)
+    response.headers["Link"] = f'<{url.path}?{url.query}>; rel="next"'

@@ -40,11 +40,14 @@ def create_api_key(session: Session, *, role: Role, name: str, actor: Actor) -> 
     return key, token
 
 
-def list_api_keys(session: Session, *, include_revoked: bool = True) -> list[ApiKey]:
-    """Every key (hashes are never returned by the API)."""
-    query = select(ApiKey).order_by(ApiKey.id)
+def list_api_keys(session: Session, *, include_revoked: bool = True, limit: int | None = None,
+                  before_id: int | None = None) -> list[ApiKey]:
+    """Keys, newest first, a page before `before_id` (hashes are never returned by the API)."""
+    query = select(ApiKey).order_by(ApiKey.id.desc()).limit(limit)
     if not include_revoked:
         query = query.where(ApiKey.revoked_at.is_(None))
+    if before_id is not None:
+        query = query.where(ApiKey.id < before_id)
     return list(session.scalars(query))
 
 

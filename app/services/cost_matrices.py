@@ -54,9 +54,12 @@ def active_version_id(session: Session) -> int | None:
     return session.scalar(select(ActiveState.cost_matrix_version_id).where(ActiveState.id == ACTIVE_STATE_ID))
 
 
-def list_versions(session: Session) -> list[CostMatrixVersion]:
-    """Every version, oldest first, with entries loaded."""
-    query = select(CostMatrixVersion).options(selectinload(CostMatrixVersion.entries)).order_by(CostMatrixVersion.id)
+def list_versions(session: Session, *, limit: int | None = None, before_id: int | None = None) -> list[CostMatrixVersion]:
+    """Versions, newest first, a page before `before_id`, with entries loaded."""
+    query = (select(CostMatrixVersion).options(selectinload(CostMatrixVersion.entries))
+             .order_by(CostMatrixVersion.id.desc()).limit(limit))
+    if before_id is not None:
+        query = query.where(CostMatrixVersion.id < before_id)
     return list(session.scalars(query))
 
 

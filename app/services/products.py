@@ -25,11 +25,14 @@ def catalog_keys(session: Session) -> set[str]:
     return set(session.scalars(select(Product.ndc)))
 
 
-def list_products(session: Session, *, active: bool | None = None) -> list[Product]:
-    """Products ordered by NDC, optionally only the active (or inactive) ones."""
-    query = select(Product).order_by(Product.ndc)
+def list_products(session: Session, *, active: bool | None = None, limit: int | None = None,
+                  after_ndc: str | None = None) -> list[Product]:
+    """Products ordered by NDC, optionally only the active (or inactive) ones, a page after `after_ndc`."""
+    query = select(Product).order_by(Product.ndc).limit(limit)
     if active is not None:
         query = query.where(Product.active.is_(active))
+    if after_ndc is not None:
+        query = query.where(Product.ndc > after_ndc)
     return list(session.scalars(query))
 
 

@@ -94,7 +94,7 @@ def test_unauthenticated_requests_get_401(role_env: ApiEnv, endpoint: Endpoint, 
         headers = {"X-API-Key": "not-a-key"}
     else:
         token = create_key(role_env.settings, Role.ADMIN, "to revoke")
-        revoked = role_env.client.get("/v1/admin/api-keys", headers=role_env.as_role(Role.ADMIN)).json()[-1]
+        revoked = role_env.client.get("/v1/admin/api-keys", headers=role_env.as_role(Role.ADMIN)).json()[0]
         assert role_env.client.post(f"/v1/admin/api-keys/{revoked['id']}/revoke",
                                     headers=role_env.as_role(Role.ADMIN)).status_code == 200
         headers = {"X-API-Key": token}
@@ -135,6 +135,11 @@ def test_admin_key_api_creates_lists_and_revokes(env: ApiEnv) -> None:
     assert env.client.get("/v1/products", headers={"X-API-Key": token}).status_code == 200
     listed = env.client.get("/v1/admin/api-keys", headers=admin).json()
     assert all("key" not in item and "key_sha256" not in item for item in listed)
+    assert listed[0]["id"] == created.json()["id"]  # newest first
+    first = env.client.get("/v1/admin/api-keys", headers=admin, params={"limit": 1})
+    assert [item["id"] for item in first.json()] == [listed[0]["id"]]
+    older = env.client.get(first.links["next"]["url"], headers=admin)
+    assert older.status_code == 200 and [item["id"] for item in older.json()] == [listed[1]["id"]]
     revoked = env.client.post(f"/v1/admin/api-keys/{created.json()['id']}/revoke", headers=admin)
     assert revoked.status_code == 200 and revoked.json()["revoked_at"]
     assert env.client.get("/v1/products", headers={"X-API-Key": token}).status_code == 401

@@ -50,8 +50,14 @@ def test_pharmacist_creates_diffs_exports_and_activates(any_env: ApiEnv) -> None
     activated = client.post(f"{BASE}/2/activate", json={"reason": "reviewed"}, headers=pharmacist)
     assert activated.status_code == 200 and activated.json()["active"]
     assert client.get(f"{BASE}/active", headers=pharmacist).json()["version"] == 2
-    listing = client.get(BASE, headers=pharmacist).json()
-    assert [(v["version"], v["active"], v["entry_count"]) for v in listing] == [(1, False, 4), (2, True, 4)]
+    listing = client.get(BASE, headers=pharmacist)
+    assert [(v["version"], v["active"], v["entry_count"]) for v in listing.json()] == [(2, True, 4), (1, False, 4)]
+    assert "link" not in listing.headers
+    newest = client.get(BASE, headers=pharmacist, params={"limit": 1})
+    assert [v["version"] for v in newest.json()] == [2]
+    assert newest.headers["link"] == f'<{BASE}?limit=1&before_id=2>; rel="next"'
+    assert [v["version"] for v in client.get(newest.links["next"]["url"], headers=pharmacist).json()] == [1]
+    assert client.get(BASE, headers=pharmacist, params={"limit": 0}).status_code == 422
 
     audit = client.get("/v1/admin/audit-log", headers=pharmacist).json()["items"]
     assert [e["action"] for e in audit[:2]] == ["cost_matrix.activate", "cost_matrix.create"]

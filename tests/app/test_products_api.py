@@ -18,6 +18,24 @@ def test_catalog_holds_the_twenty_pmi_products(env: ApiEnv) -> None:
     assert products[0]["imprint"] == ["M2"] and products[0]["size_mm"] == 6.0 and products[0]["active"]
 
 
+def test_catalog_pages_in_ndc_order(env: ApiEnv) -> None:
+    client = env.as_role("client")
+    everything = [p["ndc"] for p in env.client.get("/v1/products", headers=client).json()]
+    assert everything == sorted(everything)
+    seen: list[str] = []
+    url: str | None = "/v1/products?limit=7"
+    while url:
+        page = env.client.get(url, headers=client)
+        assert page.status_code == 200 and len(page.json()) <= 7
+        seen += [p["ndc"] for p in page.json()]
+        url = page.links.get("next", {}).get("url")
+    assert seen == everything  # 7 + 7 + 6: the last page is not full, so it has no Link
+    assert env.client.get("/v1/products", headers=client, params={"after_ndc": everything[-1]}).json() == []
+    for bad in ({"limit": 0}, {"limit": 1001}, {"after_ndc": "x" * 17}, {"after_ndc": "0378\x00"}):
+        response = env.client.get("/v1/products", headers=client, params=bad)
+        assert response.status_code == 422 and response.headers["content-type"] == "application/problem+json"
+
+
 @pytest.mark.parametrize("spelling", [FURO, "0378-0208-01", "00378-208-01", "00378020801", "0378020801",
                                       "000378-0208-01"])
 def test_products_are_found_by_any_ndc_spelling(env: ApiEnv, spelling: str) -> None:
