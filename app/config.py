@@ -93,6 +93,12 @@ class Settings(BaseSettings):
     worker_alive_file: Path | None = Field(default=None, description="When set, a worker rewrites this file every "
                                            "10 s, training or not; `python -m worker.liveness` exits 0 while it "
                                            "is under 60 s old (the compose worker's health check).")
+    worker_metrics_port: int | None = Field(default=None, ge=1, le=65535, description="When set, a worker serves "
+                                            "its Prometheus metrics (job outcomes and durations, the running "
+                                            "job's progress, loss and attack success, reaper actions) on this "
+                                            "port at /metrics. Off by default.")
+    worker_metrics_host: str = Field(default="127.0.0.1", min_length=1, description="Address the worker's "
+                                     "metrics listen on (0.0.0.0 in a container).")
 
     # --- first run (`rxverify up`, `make run`): the synthetic demo dataset and baseline model --------
     demo_per_class: int = Field(default=200, ge=6, description="Synthetic photos of the largest class, all "

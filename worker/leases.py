@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 
 from app.db import Database
 from app.orm import TrainingJob, utcnow
+from worker.metrics import REAPER_ACTIONS
 
 logger = logging.getLogger(__name__)
 
@@ -291,6 +292,7 @@ def requeue_orphans(database: Database, *, send: Callable[[int, str | None], Any
                                                       lease_expires_at=None, progress=progress,
                                                       result={"worker_losses": losses}))
                 if result.rowcount == 1:  # type: ignore[attr-defined]
+                    REAPER_ACTIONS.labels("failed").inc()
                     logger.error("training job %s: %s", job_id, error)
                 continue
             progress["phase"] = "requeued"
@@ -300,6 +302,7 @@ def requeue_orphans(database: Database, *, send: Callable[[int, str | None], Any
             won = result.rowcount == 1  # type: ignore[attr-defined]
         if won:
             logger.warning("training job %s lost its worker (lease expired); requeued", job_id)
+            REAPER_ACTIONS.labels("requeued").inc()
             if _send(database, send, job_id, task_id):
                 requeued.append(job_id)
     for job_id in unsent:
@@ -311,6 +314,7 @@ def requeue_orphans(database: Database, *, send: Callable[[int, str | None], Any
             won = result.rowcount == 1  # type: ignore[attr-defined]
         if won:
             logger.warning("training job %s was never sent to the broker; sending it now", job_id)
+            REAPER_ACTIONS.labels("resent").inc()
             if _send(database, send, job_id, task_id):
                 requeued.append(job_id)
     return requeued

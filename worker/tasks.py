@@ -27,6 +27,7 @@ from app.config import Settings
 from app.db import Database
 from app.log import bind_request_id
 from worker import leases, liveness
+from worker import metrics as worker_metrics
 from worker.celery_app import celery_app
 
 logger = logging.getLogger(__name__)
@@ -174,9 +175,24 @@ class JobTask(Task):  # type: ignore[misc]
 
 
 def run_training_job(self: JobTask, job_id: int) -> dict[str, Any]:
-    """Run training job `job_id` (the message carries the id only; everything else is read from the DB)."""
-    with bind_request_id(f"job-{job_id}"):
-        return self.run_job(job_id)
+    """Run training job `job_id` (the message carries the id only; everything else is read from the DB).
+
+    Each delivery is counted in the worker's metrics by how it ended (`worker.metrics`).
+    """
+    started, outcome = time.monotonic(), "error"
+    worker_metrics.JOBS_IN_PROGRESS.inc()
+    try:
+        with bind_request_id(f"job-{job_id}"):
+            result = self.run_job(job_id)
+        outcome = worker_metrics.outcome_of(result)
+        return result
+    except Retry:
+        outcome = "requeued"
+        raise
+    finally:
+        worker_metrics.JOBS_IN_PROGRESS.dec()
+        worker_metrics.clear_progress()
+        worker_metrics.record_attempt(outcome, time.monotonic() - started)
 
 
 run_job = celery_app.task(bind=True, base=JobTask, name=RUN_JOB)(run_training_job)
@@ -199,6 +215,15 @@ def _start_reaper(sender: Any = None, **_kwargs: Any) -> None:
     _reaper = leases.Reaper(JobTask.process_database(settings), send=send, interval_s=max(settings.training_lease_s, 1.0),
                             max_worker_losses=settings.training_max_worker_losses)
     _reaper.start()
+
+
+@worker_ready.connect
+def _start_metrics(sender: Any = None, **_kwargs: Any) -> None:
+    """With RXVERIFY_WORKER_METRICS_PORT, serve this process's Prometheus metrics (`worker.metrics`)."""
+    app = getattr(sender, "app", None) or celery_app
+    settings: Settings = app.conf.rxverify_settings
+    if settings.worker_metrics_port is not None:
+        worker_metrics.serve(settings.worker_metrics_port, settings.worker_metrics_host)
 
 
 @worker_ready.connect

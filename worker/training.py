@@ -33,6 +33,7 @@ from models.commands.progress import Eta
 from models.commands.train import TrainOutcome, TrainRequest
 from models.engine import ProgressEvent, TrainConfig, TrainingState
 from worker import leases
+from worker import metrics as worker_metrics
 from worker.leases import Heartbeat, Lease
 
 logger = logging.getLogger(__name__)
@@ -300,6 +301,8 @@ class Hooks:
                              loss=event.loss if math.isfinite(event.loss) else None,
                              attack_success_rate=event.attack_success_rate, elapsed_s=round(event.elapsed_s, 3),
                              eta_s=round(eta, 1) if eta is not None else None)
+        worker_metrics.record_step(fraction=self.progress["fraction"], loss=event.loss,
+                                   attack_success_rate=event.attack_success_rate, eta_s=eta)
         now = time.monotonic()
         if now - self._last_write >= PROGRESS_EVERY_S or event.step == event.steps_per_epoch:
             self._last_write = now

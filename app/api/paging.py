@@ -10,7 +10,6 @@ from typing import Any
 from fastapi import Request, Response
 
 
-
 def next_link_response(page: str) -> dict[int | str, dict[str, Any]]:
     """The OpenAPI description of the `Link` header, for `responses=`."""
     return {200: {"headers": {"Link": {"description": f'The next page, when this one is full: {page}.',

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from typing import Any
 
@@ -14,6 +15,8 @@ from app.commands.supervisor import (
 )
 from app.config import Settings, get_settings
 from app.log import configure_logging
+
+logger = logging.getLogger(__name__)
 
 
 def register(sub: Any, groups: dict[str, Any]) -> None:
@@ -93,5 +96,9 @@ def worker_command(args: argparse.Namespace) -> int:
         argv += ["--hostname", args.hostname]
     if getattr(args, "exit_with_parent", None):
         watch_parent(args.exit_with_parent)
+    if args.pool == "prefork" and settings.worker_metrics_port is not None:
+        logger.warning(
+            "RXVERIFY_WORKER_METRICS_PORT with --pool prefork: jobs run in child processes, whose figures the "
+            "metrics served by this process do not include; use --pool solo or threads")
     app.worker_main(argv)
     return 0

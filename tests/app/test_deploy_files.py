@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
-
-import re
 
 import pytest
 import yaml
@@ -72,6 +71,10 @@ def test_healthchecks(compose: dict[str, Any]) -> None:
     assert worker["healthcheck"]["test"] == ["CMD", "python", "-m", "worker.liveness", "--max-age-s", "60"]
     assert worker["environment"]["RXVERIFY_WORKER_ALIVE_FILE"].startswith("/tmp/")
     assert "inspect ping" not in str(worker["healthcheck"])
+    # Its metrics listen on the compose network, on the port it declares, and are not published on the host.
+    port = worker["environment"]["RXVERIFY_WORKER_METRICS_PORT"]
+    assert worker["expose"] == [port] and worker["environment"]["RXVERIFY_WORKER_METRICS_HOST"] == "0.0.0.0"
+    assert "ports" not in worker
 
 
 def test_rxverify_processes_are_not_pid_1(compose: dict[str, Any]) -> None:

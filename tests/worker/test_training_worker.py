@@ -1,17 +1,22 @@
 """A real Celery worker process (`celery -A worker.celery_app worker`, two threads) on Redis and PostgreSQL:
-a CSADA job end to end, cooperative cancel, and duplicate deliveries that never run a job twice."""
+a CSADA job end to end, cooperative cancel, and duplicate deliveries that never run a job twice, each seen
+in the worker's own Prometheus metrics too."""
 
 from __future__ import annotations
 
 import hashlib
+import math
+import socket
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from app.config import Settings
 from tests.worker.conftest import FAST, Fleet, wait_ready
-from tests.worker.factories import Workers, worker_env
+from tests.worker.factories import Workers, wait_for, worker_env
 from worker.celery_app import create_celery_app
 from worker.tasks import RUN_JOB
 
@@ -19,19 +24,52 @@ pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
 MODELS = "/v1/admin/models"
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+METRICS_PORT = _free_port()
+
+
+def worker_metrics() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The module's worker's metrics, scraped over HTTP: {(sample name, sorted labels): value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def attempts(scrape: dict[tuple[str, tuple[tuple[str, str], ...]], float], outcome: str) -> float:
+    return scrape[("rxverify_training_job_attempts_total", (("outcome", outcome),))]
+
+
 @pytest.fixture(scope="module", autouse=True)
 def shared_worker(fleet_settings: Settings, workers: Workers,
                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """One worker for the module; two threads, so two deliveries of one job can really run at once."""
     log = tmp_path_factory.mktemp("logs") / "worker.log"
-    workers.start(worker_env(fleet_settings), log, pool="threads", concurrency=2, celery_cli=True)
+    workers.start(worker_env(fleet_settings, RXVERIFY_WORKER_METRICS_PORT=str(METRICS_PORT)), log, pool="threads",
+                  concurrency=2, celery_cli=True)
     wait_ready(log)
     yield
 
 
 def test_a_csada_job_succeeds_and_registers_a_model_with_metrics(fleet: Fleet) -> None:
+    before = worker_metrics()
+    assert math.isnan(before[("rxverify_training_progress_ratio", ())])  # no job trains yet
     job_id = fleet.start_job(method="csada", hyperparameters=FAST, auto_promote=True)
     job = fleet.wait_status(job_id, "succeeded")
+    # The job's row says succeeded a moment before its task returns and counts itself.
+    counted = attempts(before, "succeeded") + 1
+    wait_for(lambda: attempts(worker_metrics(), "succeeded") == counted, timeout=10, what="the attempt counted")
+    after = worker_metrics()
+    steps = after[("rxverify_training_steps_total", ())] - before[("rxverify_training_steps_total", ())]
+    assert steps == 10  # 2 epochs of 5 steps
+    assert after[("rxverify_training_jobs_in_progress", ())] == 0
+    assert math.isnan(after[("rxverify_training_loss", ())])  # cleared when the attempt ended
+    assert after[("rxverify_training_job_attempt_seconds_count", (("outcome", "succeeded"),))] == attempts(after, "succeeded")
     assert job["attempts"] == 1 and job["error"] is None
     progress = job["progress"]
     assert progress["phase"] == "done" and progress["fraction"] == 1.0 and progress["epoch"] == 2
@@ -84,12 +122,11 @@ def test_a_csada_job_succeeds_and_registers_a_model_with_metrics(fleet: Fleet) -
 def test_cancel_stops_a_running_job_at_its_next_step(fleet: Fleet) -> None:
     job_id = fleet.start_job(method="baseline", hyperparameters={"epochs": 500, "batch_size": 4})
     fleet.wait_status(job_id, "running")
-    from tests.worker.factories import wait_for
-
     wait_for(lambda: fleet.job(job_id)["progress"].get("phase") == "training", timeout=60, what="training steps")
     response = fleet.client.post(f"/v1/admin/training-jobs/{job_id}/cancel", headers=fleet.headers())
     assert response.status_code == 202 and response.json()["cancel_requested"] is True
     job = fleet.wait_status(job_id, "cancelled", timeout=30)
+    wait_for(lambda: attempts(worker_metrics(), "cancelled") == 1, timeout=10, what="the cancelled attempt counted")
     assert job["progress"]["phase"] == "cancelled" and job["result_model_version"] is None
     assert job["result"]["cancelled_after_epochs"] < 500
     assert len(fleet.client.get(MODELS, headers=fleet.headers()).json()) == 1  # nothing registered
@@ -103,7 +140,9 @@ def test_a_duplicate_delivery_does_not_run_the_job_twice(fleet: Fleet) -> None:
     skipped: dict[str, Any] = duplicate.get(timeout=60)
     assert skipped["job_id"] == job_id and skipped["skipped"].startswith("leased by"), skipped
     assert job["attempts"] == 1 and fleet.row(job_id)["lease_owner"] is None
+    skipped_before = attempts(worker_metrics(), "skipped")
     late = celery.send_task(RUN_JOB, args=[job_id]).get(timeout=60)  # redelivered after it finished
     assert late == {"job_id": job_id, "skipped": "already succeeded"}
+    assert attempts(worker_metrics(), "skipped") == skipped_before + 1
     assert fleet.job(job_id)["attempts"] == 1
     assert len(fleet.client.get(MODELS, headers=fleet.headers()).json()) == 2  # model A and the one result
