@@ -7,6 +7,7 @@ import hashlib
 import io
 import itertools
 import math
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,10 @@ DEFAULT_OFF_DIAGONAL_COST = 1.0
 _TRUE_COLUMNS = ("true", "true_ndc")
 _PREDICTED_COLUMNS = ("predicted", "predicted_ndc")
 _EXTRA_FIELDS = "\x00extra"  # DictReader's key for the fields beyond the header (no header can hold NUL)
+
+
+# An ASCII decimal, or a spelling of inf/nan (let through so that the error says "not finite").
+_DECIMAL = re.compile(r"[+-]?(?:(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|inf|infinity|nan)", re.IGNORECASE)
 
 
 class CostMatrixError(ValueError):
@@ -33,7 +38,13 @@ class CostMatrixError(ValueError):
 
 def check_cost(true: str, predicted: str, cost: float | str, *, max_cost: float = math.inf,
                row: int | None = None) -> float:
-    """Validate one cell and return it as a float: finite, >= 0, <= max_cost, and 0 on the diagonal."""
+    """Validate one cell and return it as a float: finite, >= 0, <= max_cost, and 0 on the diagonal.
+
+    Text (a CSV cell) must be a plain ASCII decimal such as `10`, `2.5` or `1e3`: Python's float() would also
+    read `1_0` as 10 and Arabic-Indic or full-width digits, and a typo must not become a safety cost.
+    """
+    if isinstance(cost, str) and not _DECIMAL.fullmatch(cost.strip()):
+        raise CostMatrixError(f"cost {cost[:40]!r} is not a number", true=true, predicted=predicted, row=row)
     try:
         value = float(cost)
     except (TypeError, ValueError):

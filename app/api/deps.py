@@ -10,11 +10,12 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader
+from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db import Database
-from app.errors import Forbidden
+from app.errors import FieldError, Forbidden, InvalidInput
 from app.orm import Role
 from app.services.api_keys import authenticate
 from app.services.audit import Actor
@@ -56,20 +57,55 @@ class KeyFirstRoute(APIRoute):
     been parsed for nobody. `require_role` then takes the actor found here and checks only the role. The
     lookup runs in a worker thread with a session of its own, which ends before the body is read, so a
     slow upload holds no pooled connection.
+
+    A query parameter the route does not take is a 422 (`unknown-query-parameter`), not silently ignored:
+    a misspelt filter (`?verdit=mismatch`) would otherwise answer with the unfiltered list.
     """
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
         minimum = _required_role(self.dependant)
+        known = _query_parameter_names(self.dependant)
 
         async def authenticate_first(request: Request) -> Response:
             actor = await run_in_threadpool(_authenticate_request, request)
             if minimum is not None:
                 _check_role(actor, minimum)  # 403 before the body, too
+            _refuse_unknown_query_parameters(request, known)
             request.state.actor = actor
             return await handler(request)
 
         return authenticate_first
+
+
+MAX_REPORTED_PARAMETERS = 10
+
+
+def _query_parameter_names(dependant: Dependant) -> frozenset[str]:
+    """The query parameters a route takes, its dependencies' included (a query model's fields by alias)."""
+    names: set[str] = set()
+    stack = [dependant]
+    while stack:
+        current = stack.pop()
+        for param in current.query_params:
+            model = param.field_info.annotation
+            if isinstance(model, type) and issubclass(model, BaseModel):
+                names.update(info.alias or name for name, info in model.model_fields.items())
+            else:
+                names.add(param.alias)
+        stack.extend(current.dependencies)
+    return frozenset(names)
+
+
+def _refuse_unknown_query_parameters(request: Request, known: frozenset[str]) -> None:
+    unknown = sorted({name for name in request.query_params if name not in known})
+    if not unknown:
+        return
+    shown = [name[:64] for name in unknown[:MAX_REPORTED_PARAMETERS]]
+    takes = ", ".join(sorted(known)) if known else "none"
+    raise InvalidInput(f"unknown query parameter(s): {', '.join(shown)}; this endpoint takes: {takes}",
+                       slug="unknown-query-parameter",
+                       errors=[FieldError(f"query.{name}", "unknown query parameter", "unknown") for name in shown])
 
 
 def _required_role(dependant: Dependant) -> Role | None:

@@ -28,9 +28,14 @@ def link_next_page(request: Request, response: Response, ids: Sequence[int], *, 
 
 def link_next_page_after(request: Request, response: Response, keys: Sequence[str], *, limit: int,
                          param: str) -> None:
-    """Set `Link: rel="next"` with `param` the page's largest key (ascending lists), if the page is full."""
+    """Set `Link: rel="next"` with `param` the page's last key, if the page is full.
+
+    The last row, not Python's largest string: the database orders (and compares `after_ndc`) by its own
+    collation, which may differ from code-point order (en_US ignores the hyphen: `100001-0000` sorts before
+    `10000-9999`), and both the order and the comparison must use the same one.
+    """
     if keys and len(keys) >= limit:
-        _link_next(request, response, limit=limit, **{param: max(keys)})
+        _link_next(request, response, limit=limit, **{param: keys[-1]})
 
 
 def _link_next(request: Request, response: Response, **params: str | int) -> None:

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from app.api.deps import KeyFirstRoute, PharmacistActor, SessionDep, SettingsDep
 from app.api.paging import NEXT_LINK_RESPONSE, link_next_page
 from app.orm import Role, TrainingJob
-from app.schemas.common import IdPath, IdQuery, problem_responses
+from app.schemas.common import NO_CONTROL_PATTERN, IdPath, IdQuery, problem_responses
 from app.schemas.training_jobs import (
     HyperparameterDefaults,
     JobStatus,
@@ -103,7 +103,8 @@ def list_jobs(actor: PharmacistActor, session: SessionDep, request: Request, res
 
 
 @router.get("/defaults", response_model=HyperparameterDefaults)
-def hyperparameter_defaults(_actor: PharmacistActor, session: SessionDep, dataset: str,
+def hyperparameter_defaults(_actor: PharmacistActor, session: SessionDep,
+                            dataset: Annotated[str, Query(min_length=1, max_length=100, pattern=NO_CONTROL_PATTERN)],
                             method: Method = "csada") -> HyperparameterDefaults:
     """The hyperparameters a job on this dataset gets when it names none."""
     registered = dataset_service.get_dataset(session, dataset)

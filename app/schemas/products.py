@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 
 from app.schemas.common import ReadModel, RequestModel
 
 NdcText = Field(min_length=1, max_length=32, examples=["00378-0208", "0378-0208-01"])
+# One side's imprint (Table 8's longest is "PLIVA 434"): bounded, as every stored and echoed text is.
+ImprintSide = Annotated[str, Field(min_length=1, max_length=40)]
 
 
 class ProductCreate(RequestModel):
@@ -19,7 +21,7 @@ class ProductCreate(RequestModel):
     name: str = Field(min_length=1, max_length=200)
     shape: str = Field(min_length=1, max_length=40)
     colour: str = Field(min_length=1, max_length=40)
-    imprint: list[str] = Field(default_factory=list, max_length=10, description="One string per side.")
+    imprint: list[ImprintSide] = Field(default_factory=list, max_length=10, description="One string per side.")
     size_mm: float | None = Field(default=None, gt=0, le=100, allow_inf_nan=False, strict=True)
     active: bool = Field(default=True, strict=True)
     reason: str | None = Field(default=None, max_length=2000)
@@ -45,7 +47,7 @@ class ProductUpdate(RequestModel):
     name: str | None = Field(default=None, min_length=1, max_length=200)
     shape: str | None = Field(default=None, min_length=1, max_length=40)
     colour: str | None = Field(default=None, min_length=1, max_length=40)
-    imprint: list[str] | None = Field(default=None, max_length=10)
+    imprint: list[ImprintSide] | None = Field(default=None, max_length=10)
     size_mm: float | None = Field(default=None, gt=0, le=100, allow_inf_nan=False, strict=True)
     active: bool | None = Field(default=None, strict=True)
     reason: str | None = Field(default=None, max_length=2000)

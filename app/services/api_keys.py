@@ -6,7 +6,7 @@ import hashlib
 import hmac
 import secrets
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.errors import Conflict, NotFound, Unauthorized
@@ -60,12 +60,14 @@ def get_api_key(session: Session, key_id: int) -> ApiKey:
 
 
 def revoke_api_key(session: Session, *, key_id: int, actor: Actor, reason: str | None = None) -> ApiKey:
-    """Revoke a key; it then answers 401. Revoking twice is a conflict."""
+    """Revoke a key; it then answers 401. Revoking twice is a conflict, also when both requests come at once
+    (the write is conditional, so exactly one of them revokes and is audited)."""
     key = get_api_key(session, key_id)
-    if key.revoked_at is not None:
+    revoked = session.execute(update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
+                              .values(revoked_at=utcnow()).execution_options(synchronize_session=False))
+    if revoked.rowcount != 1:  # type: ignore[attr-defined]
         raise Conflict(f"API key {key_id} is already revoked", slug="api-key-revoked")
-    key.revoked_at = utcnow()
-    session.flush()
+    session.refresh(key)
     record_change(session, actor=actor, action="api_key.revoke", entity_type="api_key", entity_id=key.id,
                   reason=reason, details={"name": key.name, "role": key.role})
     return key

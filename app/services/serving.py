@@ -116,7 +116,9 @@ def install_checkpoint(settings: Settings, source: str | Path, *, actor_name: st
     try:
         with database.session() as session:
             version = register_and_activate(session, source=source, settings=settings, actor=Actor.cli(actor_name),
-                                            reason=f"served with --model {source}")
+                                            # Not the path: reasons are shown to pharmacists, server paths
+                                            # only to admins (the model.register audit entry's `source`).
+                                            reason="served with `rxverify serve --model`")
             return version.id
     finally:
         database.dispose()

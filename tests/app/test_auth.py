@@ -152,6 +152,31 @@ def test_admin_key_api_creates_lists_and_revokes(env: ApiEnv) -> None:
     assert actions[:2] == ["api_key.revoke", "api_key.create"]
 
 
+def test_two_revocations_of_one_key_at_once_revoke_and_audit_it_once(any_env: ApiEnv) -> None:
+    """Both requests read the key as live; the conditional write lets exactly one of them revoke it."""
+    from app.db import Database
+    from app.errors import Conflict
+    from app.orm import ApiKey
+    from app.services.api_keys import revoke_api_key
+    from app.services.audit import Actor
+
+    key_id = any_env.client.post("/v1/admin/api-keys", json={"name": "twice", "role": "client"},
+                             headers=any_env.as_role(Role.ADMIN)).json()["id"]
+    database = Database(any_env.settings)
+    try:
+        with database.session() as first, database.session() as second:
+            assert first.get(ApiKey, key_id).revoked_at is None and second.get(ApiKey, key_id).revoked_at is None
+            revoke_api_key(first, key_id=key_id, actor=Actor.cli("tests"))
+            first.commit()
+            with pytest.raises(Conflict):
+                revoke_api_key(second, key_id=key_id, actor=Actor.cli("tests"))
+    finally:
+        database.dispose()
+    entries = any_env.client.get("/v1/admin/audit-log", params={"action": "api_key.revoke", "entity_id": str(key_id)},
+                             headers=any_env.as_role(Role.ADMIN)).json()["items"]
+    assert len(entries) == 1
+
+
 def test_server_paths_in_the_audit_log_are_for_admins_only(env: ApiEnv) -> None:
     """Where an import came from on the server's disks is shown to admins; pharmacists get the rest."""
     from app.db import Database

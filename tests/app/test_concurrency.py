@@ -103,4 +103,4 @@ def test_concurrent_http_edits_one_201_the_rest_409(any_env: ApiEnv) -> None:
     assert statuses == [201] + [409] * (WRITERS - 1), [r.text for r in responses]
     assert all(r.json()["type"].endswith("/stale-parent") for r in responses if r.status_code == 409)
     listing = any_env.client.get("/v1/admin/cost-matrices", headers=headers).json()
-    assert [v["parent_version"] for v in listing] == [None, 1]
+    assert [v["parent_version"] for v in listing] == [1, None]  # newest first

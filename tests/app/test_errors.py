@@ -37,6 +37,21 @@ def test_wrong_method_is_405_with_allow(env: ApiEnv) -> None:
     assert response.headers["allow"] == "GET"
 
 
+def test_an_unknown_query_parameter_is_422_not_ignored(env: ApiEnv) -> None:
+    pharmacist = env.as_role("pharmacist")
+    # A misspelt filter would otherwise answer with the whole, unfiltered log.
+    response = env.client.get("/v1/verifications", params={"verdit": "mismatch", "limit": 5}, headers=pharmacist)
+    body = _problem(response, 422, "unknown-query-parameter")
+    assert body["errors"] == [{"field": "query.verdit", "message": "unknown query parameter", "code": "unknown"}]
+    assert "verdict" in body["detail"] and "limit" in body["detail"]
+    body = _problem(env.client.get(f"/v1/products/{FURO}?x=1&a=2", headers=pharmacist), 422, "unknown-query-parameter")
+    assert [error["field"] for error in body["errors"]] == ["query.a", "query.x"] and "takes: none" in body["detail"]
+    # Authentication still comes first, and the known parameters still work.
+    assert env.client.get("/v1/verifications?verdit=mismatch").status_code == 401
+    assert env.client.get("/v1/verifications?verdict=mismatch&limit=5", headers=pharmacist).status_code == 200
+    assert env.client.get("/v1/admin/cost-matrices/diff?from=1&to=active", headers=pharmacist).status_code == 200
+
+
 def test_empty_and_non_json_bodies(env: ApiEnv) -> None:
     pharmacist = env.as_role("pharmacist")
     empty = env.client.post("/v1/admin/cost-matrices", headers={**pharmacist, "Content-Type": "application/json"})

@@ -110,3 +110,7 @@ def test_patch_errors(env: ApiEnv) -> None:
     assert any(v.get("type") == "null" for v in schema["size_mm"]["anyOf"])  # size_mm may be cleared
     read_only = env.client.patch(f"/v1/admin/products/{FURO}", json={"ndc": "00000-0000"}, headers=pharmacist)
     assert read_only.status_code == 422 and read_only.json()["errors"][0]["field"] == "ndc"
+    # Each imprint side is bounded (it is stored, audited and sent with every catalog page).
+    for side in ("x" * 41, ""):
+        long_side = env.client.patch(f"/v1/admin/products/{FURO}", json={"imprint": ["M2", side]}, headers=pharmacist)
+        assert long_side.status_code == 422 and long_side.json()["errors"][0]["field"] == "imprint[1]"

@@ -178,6 +178,9 @@ def test_defaults_endpoint_and_the_large_dataset_recipe(jobs: JobEnv) -> None:
     small = jobs.client.get(f"{URL}/defaults", params={"dataset": "tiny", "method": "ap"}, headers=jobs.headers())
     assert small.status_code == 200
     assert small.json()["train_images"] == 36 and small.json()["hyperparameters"]["alpha"] == 5.0
+    for bad in ("", "x" * 101, "tiny\x00"):  # bounded like the job's own `dataset` field
+        refused = jobs.client.get(f"{URL}/defaults", params={"dataset": bad}, headers=jobs.headers())
+        assert refused.status_code == 422 and refused.json()["errors"][0]["field"] == "query.dataset"
     pmi = default_hyperparameters("csada", train_images=LARGE_DATASET)
     assert (pmi["epochs"], pmi["batch_size"], pmi["lr"], pmi["steps"], pmi["step_size"], pmi["lam"], pmi["tau"]) == \
         (10, 32, 1e-7, 50, 1e-4, 2.0, 3.0)  # the paper's PMI run

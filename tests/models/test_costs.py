@@ -62,6 +62,10 @@ def test_a_csv_saved_by_excel_reads_despite_its_byte_order_mark(tmp_path: Path) 
         ("true,predicted,cost\na,zz,3\n", 2, "unknown"),
         ("true,predicted,cost\na,b,1\na,b,2\n", 3, "twice"),
         ("true,predicted,cost\na,b,x\n", 2, "not a number"),
+        # float() reads each of these as a number; a cost cell must be a plain ASCII decimal.
+        ("true,predicted,cost\na,b,1_0\n", 2, "not a number"),
+        ("true,predicted,cost\na,b,\u0665\n", 2, "not a number"),
+        ("true,predicted,cost\na,b,\uff17\n", 2, "not a number"),
         ("x,y,z\na,b,1\n", 1, "header"),
         ("true,predicted,cost\na,c,1\na,b,1,9\n", 3, "4 fields where the header has 3"),
         ('true,predicted,cost\n"' + "a" * 200_000 + '",b,1\n', 2, "not readable as CSV"),
