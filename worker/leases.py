@@ -247,7 +247,7 @@ class Heartbeat:
 
 
 # Progress keys a new attempt carries over from the stored progress (see worker.training.run).
-OUTLIVES_AN_ATTEMPT = ("checkpoint_epoch", "worker_losses", "worker_losses_at_epoch")
+OUTLIVES_AN_ATTEMPT = ("checkpoint_epoch", "worker_losses", "worker_losses_at_epoch", "database_errors")
 
 
 def _count_worker_loss(progress: dict[str, Any]) -> int:
@@ -266,6 +266,8 @@ def requeue_orphans(database: Database, *, send: Callable[[int, str | None], Any
 
     A job whose worker died `max_worker_losses` times in a row without a new epoch checkpoint is failed
     instead: requeued again, it would most likely take the next worker down at the same place, for ever.
+    One whose cancel was asked for ends cancelled: running it again only to stop it at its first step
+    would load its data and models for nothing, and a crash on the way would end it failed instead.
     """
     now = utcnow()
     requeued: list[int] = []
@@ -283,6 +285,16 @@ def requeue_orphans(database: Database, *, send: Callable[[int, str | None], Any
             # Conditional: of several reapers, exactly one moves the job on (back to queued, or failed).
             where = update(TrainingJob).where(TrainingJob.id == job_id, TrainingJob.status == "running",
                                               TrainingJob.lease_expires_at < now)
+            if job is not None and job.cancel_requested:
+                progress.update(phase="cancelled", eta_s=None)
+                epochs = progress.get("checkpoint_epoch") or 0
+                result = session.execute(where.values(status="cancelled", finished_at=now, lease_owner=None,
+                                                      lease_expires_at=None, progress=progress,
+                                                      result={"cancelled_after_epochs": epochs}))
+                if result.rowcount == 1:  # type: ignore[attr-defined]
+                    REAPER_ACTIONS.labels("cancelled").inc()
+                    logger.info("training job %s lost its worker after a cancel was asked for; cancelled", job_id)
+                continue
             if losses >= max_worker_losses:
                 progress["phase"] = "failed"
                 error = (f"the worker running this job died {losses} times in a row at the same point (no new "
@@ -342,12 +354,14 @@ def forget_task_id(database: Database, job_id: int, task_id: str | None) -> None
 
 
 class Reaper:
-    """Runs `requeue_orphans` at start and then every lease TTL, on a daemon thread of the worker."""
+    """Runs `requeue_orphans` at start and then every lease TTL, on a daemon thread of the worker, then
+    `sweep` (if given: the ended jobs' leftover work files, `registration.sweep_ended_work_files`)."""
 
     def __init__(self, database: Database, *, send: Callable[[int, str | None], Any], interval_s: float,
-                 max_worker_losses: int = DEFAULT_MAX_WORKER_LOSSES) -> None:
+                 max_worker_losses: int = DEFAULT_MAX_WORKER_LOSSES, sweep: Callable[[], Any] | None = None) -> None:
         self.database, self.send, self.interval_s = database, send, interval_s
         self.max_worker_losses = max_worker_losses
+        self.sweep = sweep
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="training-reaper", daemon=True)
 
@@ -363,6 +377,8 @@ class Reaper:
         while True:
             try:
                 requeue_orphans(self.database, send=self.send, max_worker_losses=self.max_worker_losses)
+                if self.sweep is not None:
+                    self.sweep()
             except Exception:
                 logger.exception("the training-job reaper failed; retrying")
             if self._stop.wait(self.interval_s):

@@ -37,11 +37,12 @@ TRAINING_ETA = Gauge("rxverify_training_eta_seconds", "The running job's estimat
 REAPER_ACTIONS = Counter(
     "rxverify_reaper_actions_total",
     "Jobs this worker's reaper moved on: requeued (their worker died), failed (it died too often at the same "
-    "point), resent (their message never reached the broker).", ["action"])
+    "point), cancelled (it died after a cancel was asked for), resent (their message never reached the broker).",
+    ["action"])
 
 _RUNNING_GAUGES = (TRAINING_PROGRESS, TRAINING_LOSS, ATTACK_SUCCESS, TRAINING_ETA)
 OUTCOMES = ("succeeded", "failed", "cancelled", "requeued", "skipped", "error")
-REAPER_ACTION_NAMES = ("requeued", "failed", "resent")
+REAPER_ACTION_NAMES = ("requeued", "failed", "cancelled", "resent")
 
 
 def _initialise() -> None:

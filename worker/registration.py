@@ -18,14 +18,16 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db import Database
-from app.orm import ModelVersion, Role
+from app.orm import ModelVersion, Role, TrainingJob
 from app.services import evaluation, promotion
 from app.services.audit import Actor
 from app.services.model_registry import find_by_sha256, register_checkpoint
+from app.services.training_jobs import FINISHED_STATUSES
 from models.commands.train import TrainOutcome
 from models.costs import CostMatrix
 from worker import leases
@@ -226,6 +228,31 @@ def finish_cancelled(session: Session, lease: Lease, *, hooks: Hooks, epochs: in
     leases.finish(session, lease, status="cancelled", progress=dict(hooks.progress),
                   result={"cancelled_after_epochs": epochs})
     logger.info("training job %s cancelled after %d epoch(s)", lease.job_id, epochs)
+
+
+def sweep_ended_work_files(database: Database, settings: Settings) -> list[int]:
+    """Drop the work files of ended jobs that still have them; returns their ids.
+
+    Most paths that end a job drop its files themselves. These do not: the heartbeat's hard limit (it kills
+    the process right after marking the job failed) and the reaper's verdicts on jobs whose worker died
+    (failed after too many losses, or cancelled). An ended job is never resumed, so its files are dead weight
+    on the shared volume (the epoch checkpoint holds the optimiser state, several times the model).
+    """
+    jobs_dir = settings.data_dir / "jobs"
+    if not jobs_dir.is_dir():
+        return []
+    left = {int(path.name): Workdir(path) for path in jobs_dir.iterdir() if path.name.isdigit() and path.is_dir()}
+    left = {job_id: workdir for job_id, workdir in left.items()
+            if any(part.exists() for part in (workdir.state, workdir.out, workdir.final, workdir.data))}
+    if not left:
+        return []
+    with database.session() as session:
+        ended = sorted(session.scalars(select(TrainingJob.id).where(TrainingJob.id.in_(list(left)),
+                                                                    TrainingJob.status.in_(FINISHED_STATUSES))))
+    for job_id in ended:
+        logger.info("training job %s has ended; removing the work files it left", job_id)
+        discard_work_files(left[job_id])
+    return ended
 
 
 def discard_work_files(workdir: Workdir) -> None:

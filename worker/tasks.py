@@ -22,6 +22,7 @@ from typing import Any
 from celery import Task
 from celery.exceptions import Reject, Retry, SoftTimeLimitExceeded
 from celery.signals import worker_ready, worker_shutdown
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from app.config import Settings
 from app.db import Database
@@ -35,12 +36,18 @@ logger = logging.getLogger(__name__)
 RUN_JOB = "rxverify.training.run_job"
 HARD_LIMIT_GRACE_S = 30.0
 MAX_TIME_LIMIT_RETRIES = 100  # each retry must have advanced by an epoch (checked), so this only caps
+MAX_DATABASE_ERRORS = 5  # attempts of one job that a database error (unreachable, locked) may end and requeue
+CLAIM_RETRY_MAX_S = 60.0
 
 
 class JobTask(Task):  # type: ignore[misc]
     """Base of job tasks: claims the lease, and owns every status transition (running -> final or queued)."""
 
     abstract = True
+    # Celery reads `retry(max_retries=None)` as "the task's default": None here makes that "no limit". Each
+    # path that retries bounds itself (soft time limit: MAX_TIME_LIMIT_RETRIES; database errors in an
+    # attempt: MAX_DATABASE_ERRORS); a claim the database refuses ran nothing and is retried until it answers.
+    max_retries = None
     acks_late = True
     reject_on_worker_lost = True
     _database: Database | None = None
@@ -70,8 +77,16 @@ class JobTask(Task):  # type: ignore[misc]
 
     def run_job(self, job_id: int) -> dict[str, Any]:
         """Claim the job, run one attempt under a heartbeat, and record how it ended."""
-        claim = leases.claim(self.database, job_id=job_id, ttl_s=self.settings.training_lease_s,
-                             task_id=self.request.id)
+        try:
+            claim = leases.claim(self.database, job_id=job_id, ttl_s=self.settings.training_lease_s,
+                                 task_id=self.request.id)
+        except SQLAlchemyError as error:
+            # Nothing ran. Acknowledged as done, this message would be gone while the job stays queued under
+            # its task id, which the reaper takes for sent: so the message comes back, for as long as it takes.
+            retries = int(self.request.retries or 0)
+            logger.warning("training job %s: the database refused the claim (%s); trying again", job_id,
+                           type(error).__name__)
+            return self._retry(job_id, countdown=min(CLAIM_RETRY_MAX_S, 2.0 ** retries), max_retries=None)
         if claim.lease is None:
             logger.info("training job %s not run by this delivery: %s", job_id, claim.reason)
             return {"job_id": job_id, "skipped": claim.reason}
@@ -97,6 +112,8 @@ class JobTask(Task):  # type: ignore[misc]
                 return self._time_limited(job_id, lease=lease, progress=progress, progressed=now_epoch > start_epoch)
             except Retry:
                 raise
+            except OperationalError as error:
+                return self._database_error(job_id, lease=lease, error=error)
             except Exception as error:
                 logger.exception("training job %s failed", job_id)
                 self._fail(lease, error)
@@ -142,8 +159,39 @@ class JobTask(Task):  # type: ignore[misc]
         leases.release(self.database, lease, progress={**progress, "phase": "requeued", "requeued_because":
                                                        "soft time limit"})
         logger.warning("training job %s reached the soft time limit; retrying from its checkpoint", job_id)
+        return self._retry(job_id, countdown=1, max_retries=MAX_TIME_LIMIT_RETRIES)
+
+    def _database_error(self, job_id: int, *, lease: leases.Lease, error: OperationalError) -> dict[str, Any]:
+        """The database went away or stayed locked mid-attempt: requeue from the epoch checkpoint, which is kept.
+
+        Failing the job would throw its training away over a blip. After MAX_DATABASE_ERRORS such attempts the
+        error is taken as lasting (a schema the code does not match, a full disk), and the job fails. While the
+        database stays unreachable nothing can be recorded: the lease then expires and the reaper requeues it.
+        """
+        logger.warning("training job %s: database error (%s); requeueing it from its checkpoint", job_id,
+                       type(error).__name__)
         try:
-            raise self.retry(countdown=1, max_retries=MAX_TIME_LIMIT_RETRIES)
+            _, progress = leases.checkpoint_epoch(self.database, job_id)
+            errors = int(progress.get("database_errors") or 0) + 1
+            if errors > MAX_DATABASE_ERRORS:
+                self._fail(lease, error)
+                return {"job_id": job_id, "status": "failed", "error": str(error)}
+            leases.release(self.database, lease, progress={
+                **progress, "phase": "requeued", "database_errors": errors,
+                "requeued_because": f"database error ({type(error).__name__})"})
+        except leases.LeaseLost:
+            return {"job_id": job_id, "skipped": "lease lost"}
+        except SQLAlchemyError:
+            logger.warning("training job %s: the database is still unreachable; the job keeps its checkpoint, "
+                           "and the reaper requeues it when its lease expires", job_id)
+            return {"job_id": job_id, "status": "error", "error": "database unreachable; left to the reaper"}
+        # Bounded by `database_errors`, not by Celery's count, which the soft time limit's retries share.
+        return self._retry(job_id, countdown=min(CLAIM_RETRY_MAX_S, 5.0 * 2 ** errors), max_retries=None)
+
+    def _retry(self, job_id: int, *, countdown: float, max_retries: int | None) -> dict[str, Any]:
+        """Send this job's message again (same task id) after `countdown`; the job must be queued by now."""
+        try:
+            raise self.retry(countdown=countdown, max_retries=max_retries)
         except Reject:
             # The broker refused the retry's message (Celery turns that into a Reject). The job is queued
             # under this delivery's task id, which the reaper would take for sent: forget it, so that the
@@ -212,7 +260,14 @@ def _start_reaper(sender: Any = None, **_kwargs: Any) -> None:
     def send(job_id: int, task_id: str | None) -> None:
         app.send_task(RUN_JOB, args=[job_id], task_id=task_id)
 
-    _reaper = leases.Reaper(JobTask.process_database(settings), send=send, interval_s=max(settings.training_lease_s, 1.0),
+    database = JobTask.process_database(settings)
+
+    def sweep() -> None:
+        from worker.registration import sweep_ended_work_files
+
+        sweep_ended_work_files(database, settings)
+
+    _reaper = leases.Reaper(database, send=send, interval_s=max(settings.training_lease_s, 1.0), sweep=sweep,
                             max_worker_losses=settings.training_max_worker_losses)
     _reaper.start()
 

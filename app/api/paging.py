@@ -23,7 +23,7 @@ NEXT_LINK_AFTER_NDC_RESPONSE = next_link_response('`<path?...&after_ndc=NDC>; re
 def link_next_page(request: Request, response: Response, ids: Sequence[int], *, limit: int) -> None:
     """Set `Link: rel="next"` to this request's URL with `before_id` the page's smallest id, if it is full."""
     if ids and len(ids) >= limit:
-        _link_next(request, response, limit=limit, before_id=min(ids))
+        _link_next(request, response, before_id=min(ids), limit=limit)
 
 
 def link_next_page_after(request: Request, response: Response, keys: Sequence[str], *, limit: int,
@@ -35,7 +35,7 @@ def link_next_page_after(request: Request, response: Response, keys: Sequence[st
     `10000-9999`), and both the order and the comparison must use the same one.
     """
     if keys and len(keys) >= limit:
-        _link_next(request, response, limit=limit, **{param: keys[-1]})
+        _link_next(request, response, **{param: keys[-1]}, limit=limit)
 
 
 def _link_next(request: Request, response: Response, **params: str | int) -> None:

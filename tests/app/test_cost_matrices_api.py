@@ -55,7 +55,7 @@ def test_pharmacist_creates_diffs_exports_and_activates(any_env: ApiEnv) -> None
     assert "link" not in listing.headers
     newest = client.get(BASE, headers=pharmacist, params={"limit": 1})
     assert [v["version"] for v in newest.json()] == [2]
-    assert newest.headers["link"] == f'<{BASE}?limit=1&before_id=2>; rel="next"'
+    assert newest.headers["link"] == f'<{BASE}?before_id=2&limit=1>; rel="next"'
     assert [v["version"] for v in client.get(newest.links["next"]["url"], headers=pharmacist).json()] == [1]
     assert client.get(BASE, headers=pharmacist, params={"limit": 0}).status_code == 422
 

@@ -236,6 +236,69 @@ def test_a_database_blip_on_a_progress_write_does_not_fail_training(
     assert len(calls) > 3 and job_row(settings, job_id)["status"] == "succeeded"
 
 
+def _locked() -> OperationalError:
+    return OperationalError("UPDATE training_jobs", {}, Exception("database is locked"))
+
+
+def test_a_claim_the_database_refuses_is_retried_not_dropped(
+        tmp_path: Path, assets_root: Path, task_settings: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Acknowledged after a failed claim, the message would be gone and the job queued for ever (its task id
+    reads as sent to the reaper); the delivery is retried instead, until the database answers."""
+    settings, task, job_id = _task_and_job(tmp_path, assets_root, hyperparameters={"epochs": 1, "batch_size": 8})
+    claim, calls = leases.claim, []
+
+    def locked_twice(*args: Any, **kwargs: Any) -> leases.Claim:
+        calls.append(1)
+        if len(calls) <= 2:
+            raise _locked()
+        return claim(*args, **kwargs)
+
+    monkeypatch.setattr(leases, "claim", locked_twice)
+    assert task.apply(args=[job_id]).get()["status"] == "succeeded"
+    row = job_row(settings, job_id)
+    assert len(calls) == 3 and row["status"] == "succeeded" and row["attempts"] == 1
+
+
+def test_a_database_error_mid_job_requeues_it_with_its_checkpoint(
+        tmp_path: Path, assets_root: Path, task_settings: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A blip while the trained model is registered does not fail the job or discard its training: the retry
+    resumes from the last epoch checkpoint and registers."""
+    settings, task, job_id = _task_and_job(tmp_path, assets_root, hyperparameters={"epochs": 2, "batch_size": 8})
+    register, calls = registration.register_and_finish, []
+
+    def locked_once(**kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            assert Workdir.of(settings, job_id).state.is_file()
+            raise _locked()
+        return register(**kwargs)
+
+    monkeypatch.setattr(registration, "register_and_finish", locked_once)
+    assert task.apply(args=[job_id]).get()["status"] == "succeeded"
+    row = job_row(settings, job_id)
+    assert len(calls) == 2 and row["status"] == "succeeded" and row["attempts"] == 2, row
+    assert row["progress"]["resumed_from_epoch"] == 2 and row["progress"]["database_errors"] == 1
+    assert row["result"]["epochs_completed"] == 2
+
+
+def test_a_lasting_database_error_fails_the_job_after_a_few_attempts(
+        tmp_path: Path, assets_root: Path, task_settings: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker.tasks import MAX_DATABASE_ERRORS
+
+    settings, task, job_id = _task_and_job(tmp_path, assets_root, hyperparameters={"epochs": 1, "batch_size": 8})
+    calls: list[int] = []
+
+    def always_locked(*_args: Any, **_kwargs: Any) -> Any:
+        calls.append(1)
+        raise _locked()
+
+    monkeypatch.setattr(training, "load_spec", always_locked)
+    assert task.apply(args=[job_id]).get()["status"] == "failed"
+    row = job_row(settings, job_id)
+    assert len(calls) == MAX_DATABASE_ERRORS + 1 and row["status"] == "failed"
+    assert row["error"].startswith("OperationalError") and row["progress"]["database_errors"] == MAX_DATABASE_ERRORS
+
+
 def test_celerys_soft_limit_before_any_epoch_fails_once_and_keeps_the_progress(
         tmp_path: Path, assets_root: Path, task_settings: None, monkeypatch: pytest.MonkeyPatch) -> None:
     settings, task, job_id = _task_and_job(tmp_path, assets_root, hyperparameters={"epochs": 1, "batch_size": 8})
@@ -295,6 +358,38 @@ def test_a_job_that_keeps_killing_its_worker_fails_instead_of_looping(tmp_path: 
         assert len(sent) == 4 and row["status"] == "failed" and row["finished_at"] is not None
         assert "died 3 times in a row" in row["error"] and row["result"] == {"worker_losses": 3}
         assert row["progress"]["phase"] == "failed" and row["lease_owner"] is None
+    finally:
+        database.dispose()
+
+
+def test_an_orphan_whose_cancel_was_asked_for_ends_cancelled_and_its_files_go(tmp_path: Path,
+                                                                             assets_root: Path) -> None:
+    """The reaper does not send a job back to a worker only to stop it; the sweep then drops the files that
+    the dead worker left, as it does for any ended job, and keeps a running job's."""
+    settings, _task, job_id = _task_and_job(tmp_path, assets_root, hyperparameters={"epochs": 1, "batch_size": 8})
+    other = _job(settings, JobRequest(method="baseline", dataset="tiny", hyperparameters={"epochs": 2, "batch_size": 8}))
+    database = Database(settings)
+    try:
+        with database.session() as session:  # both claimed; both workers died; one was asked to cancel
+            for job, cancel in ((job_id, True), (other, False)):
+                session.execute(update(TrainingJob).where(TrainingJob.id == job).values(
+                    status="running", lease_owner="gone/1/x", lease_expires_at=utcnow() - timedelta(seconds=5),
+                    cancel_requested=cancel, progress={"checkpoint_epoch": 1}))
+        workdirs = {job: Workdir.of(settings, job) for job in (job_id, other)}
+        for workdir in workdirs.values():
+            workdir.state.write_bytes(b"epoch checkpoint")
+            workdir.final.mkdir()
+        sent: list[tuple[int, str | None]] = []
+        assert leases.requeue_orphans(database, send=lambda j, t: sent.append((j, t))) == [other]
+        row = job_row(settings, job_id)
+        assert row["status"] == "cancelled" and row["finished_at"] is not None and row["lease_owner"] is None
+        assert row["result"] == {"cancelled_after_epochs": 1} and row["progress"]["phase"] == "cancelled"
+        assert [job for job, _ in sent] == [other] and job_row(settings, other)["status"] == "queued"
+
+        assert registration.sweep_ended_work_files(database, settings) == [job_id]
+        assert not workdirs[job_id].state.exists() and not workdirs[job_id].final.exists()
+        assert workdirs[other].state.is_file() and workdirs[other].final.is_dir()  # queued: it resumes from it
+        assert registration.sweep_ended_work_files(database, settings) == []
     finally:
         database.dispose()
 
