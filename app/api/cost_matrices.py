@@ -47,16 +47,16 @@ def parse_ref(text: str, *, field: str = "path.version") -> service.VersionRef:
                        errors=[FieldError(field, "expected a version number or 'active'", "version_ref")])
 
 
-def _summary(version: CostMatrixVersion, active_id: int | None) -> CostMatrixSummary:
+def _summary(version: CostMatrixVersion, active_id: int | None, *, entry_count: int) -> CostMatrixSummary:
     return CostMatrixSummary(version=version.id, parent_version=version.parent_id, author=version.author,
                              reason=version.reason, created_at=version.created_at, active=version.id == active_id,
-                             default_cost=version.default_cost, entry_count=len(version.entries),
+                             default_cost=version.default_cost, entry_count=entry_count,
                              entries_sha256=version.entries_sha256)
 
 
 def _read(session: Session, version: CostMatrixVersion) -> CostMatrixRead:
     entries = [CostEntry(true_ndc=e.true_ndc, predicted_ndc=e.predicted_ndc, cost=e.cost) for e in version.entries]
-    summary = _summary(version, service.active_version_id(session))
+    summary = _summary(version, service.active_version_id(session), entry_count=len(entries))
     return CostMatrixRead(**summary.model_dump(), entries=entries)
 
 
@@ -65,9 +65,9 @@ def list_versions(_actor: PharmacistActor, session: SessionDep, request: Request
                   limit: Annotated[int, Query(ge=1, le=200)] = 50, before_id: IdQuery = None) -> list[CostMatrixSummary]:
     """Versions, newest first, without their entries (read one version for those)."""
     versions = service.list_versions(session, limit=limit, before_id=before_id)
-    link_next_page(request, response, [v.id for v in versions], limit=limit)
+    link_next_page(request, response, [v.id for v, _ in versions], limit=limit)
     active_id = service.active_version_id(session)
-    return [_summary(v, active_id) for v in versions]
+    return [_summary(v, active_id, entry_count=count) for v, count in versions]
 
 
 @router.post("", response_model=CostMatrixRead, status_code=201, responses=problem_responses(409))

@@ -15,7 +15,7 @@ from typing import Literal
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, aliased, selectinload
+from sqlalchemy.orm import Session, aliased
 
 from app.errors import Conflict, FieldError, InvalidInput, NotFound
 from app.ndc import NdcError, resolve_ndc
@@ -54,13 +54,17 @@ def active_version_id(session: Session) -> int | None:
     return session.scalar(select(ActiveState.cost_matrix_version_id).where(ActiveState.id == ACTIVE_STATE_ID))
 
 
-def list_versions(session: Session, *, limit: int | None = None, before_id: int | None = None) -> list[CostMatrixVersion]:
-    """Versions, newest first, a page before `before_id`, with entries loaded."""
-    query = (select(CostMatrixVersion).options(selectinload(CostMatrixVersion.entries))
+def list_versions(session: Session, *, limit: int | None = None,
+                  before_id: int | None = None) -> list[tuple[CostMatrixVersion, int]]:
+    """Versions, newest first, a page before `before_id`, each with its entry count (the entries stay unloaded)."""
+    counts = (select(CostMatrixEntry.version_id, func.count().label("n")).group_by(CostMatrixEntry.version_id)
+              .subquery())
+    query = (select(CostMatrixVersion, func.coalesce(counts.c.n, 0))
+             .outerjoin(counts, counts.c.version_id == CostMatrixVersion.id)
              .order_by(CostMatrixVersion.id.desc()).limit(limit))
     if before_id is not None:
         query = query.where(CostMatrixVersion.id < before_id)
-    return list(session.scalars(query))
+    return [(version, int(count)) for version, count in session.execute(query)]
 
 
 def get_version(session: Session, ref: VersionRef) -> CostMatrixVersion:
