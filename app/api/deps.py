@@ -81,19 +81,24 @@ class KeyFirstRoute(APIRoute):
 MAX_REPORTED_PARAMETERS = 10
 
 
-def _query_parameter_names(dependant: Dependant) -> frozenset[str]:
-    """The query parameters a route takes, its dependencies' included (a query model's fields by alias)."""
-    names: set[str] = set()
+def _with_dependencies(dependant: Dependant) -> Iterator[Dependant]:
+    """The route's dependant and every dependency under it, depth first."""
     stack = [dependant]
     while stack:
         current = stack.pop()
-        for param in current.query_params:
-            model = param.field_info.annotation
-            if isinstance(model, type) and issubclass(model, BaseModel):
-                names.update(info.alias or name for name, info in model.model_fields.items())
-            else:
-                names.add(param.alias)
+        yield current
         stack.extend(current.dependencies)
+
+
+def _query_parameter_names(dependant: Dependant) -> frozenset[str]:
+    """The query parameters a route takes, its dependencies' included (a query model's fields by alias)."""
+    names: set[str] = set()
+    for param in (param for current in _with_dependencies(dependant) for param in current.query_params):
+        model = param.field_info.annotation
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            names.update(info.alias or name for name, info in model.model_fields.items())
+        else:
+            names.add(param.alias)
     return frozenset(names)
 
 
@@ -110,15 +115,8 @@ def _refuse_unknown_query_parameters(request: Request, known: frozenset[str]) ->
 
 def _required_role(dependant: Dependant) -> Role | None:
     """The highest role any `require_role` dependency of the route asks for (None if none does)."""
-    found: list[Role] = []
-    stack = list(dependant.dependencies)
-    while stack:
-        sub = stack.pop()
-        role = getattr(sub.call, "minimum_role", None)
-        if isinstance(role, Role):
-            found.append(role)
-        stack.extend(sub.dependencies)
-    return max(found, key=lambda role: role.rank, default=None)
+    roles = (getattr(current.call, "minimum_role", None) for current in _with_dependencies(dependant))
+    return max((role for role in roles if isinstance(role, Role)), key=lambda role: role.rank, default=None)
 
 
 def _check_role(actor: Actor, minimum: Role) -> None:
