@@ -282,17 +282,13 @@ def requeue_orphans(database: Database, *, send: Callable[[int, str | None], Any
             job = session.get(TrainingJob, job_id)
             progress = dict(job.progress or {}) if job is not None else {}
             losses = _count_worker_loss(progress)
-            # Conditional: of several reapers, exactly one moves the job on (back to queued, or failed).
+            # Conditional: of several reapers, exactly one moves the job on (queued, cancelled or failed).
             where = update(TrainingJob).where(TrainingJob.id == job_id, TrainingJob.status == "running",
                                               TrainingJob.lease_expires_at < now)
             if job is not None and job.cancel_requested:
                 progress.update(phase="cancelled", eta_s=None)
-                epochs = progress.get("checkpoint_epoch") or 0
-                result = session.execute(where.values(status="cancelled", finished_at=now, lease_owner=None,
-                                                      lease_expires_at=None, progress=progress,
-                                                      result={"cancelled_after_epochs": epochs}))
-                if result.rowcount == 1:  # type: ignore[attr-defined]
-                    REAPER_ACTIONS.labels("cancelled").inc()
+                if _end_orphan(session, where, now=now, status="cancelled", progress=progress,
+                               result={"cancelled_after_epochs": progress.get("checkpoint_epoch") or 0}):
                     logger.info("training job %s lost its worker after a cancel was asked for; cancelled", job_id)
                 continue
             if losses >= max_worker_losses:
@@ -300,11 +296,8 @@ def requeue_orphans(database: Database, *, send: Callable[[int, str | None], Any
                 error = (f"the worker running this job died {losses} times in a row at the same point (no new "
                          "epoch checkpoint between); it was not requeued again. Look in the worker's log and the "
                          "system log for the cause (out of memory: a smaller batch_size)")
-                result = session.execute(where.values(status="failed", finished_at=now, error=error, lease_owner=None,
-                                                      lease_expires_at=None, progress=progress,
-                                                      result={"worker_losses": losses}))
-                if result.rowcount == 1:  # type: ignore[attr-defined]
-                    REAPER_ACTIONS.labels("failed").inc()
+                if _end_orphan(session, where, now=now, status="failed", progress=progress,
+                               result={"worker_losses": losses}, error=error):
                     logger.error("training job %s: %s", job_id, error)
                 continue
             progress["phase"] = "requeued"
@@ -330,6 +323,20 @@ def requeue_orphans(database: Database, *, send: Callable[[int, str | None], Any
             if _send(database, send, job_id, task_id):
                 requeued.append(job_id)
     return requeued
+
+
+def _end_orphan(session: Session, where: Any, *, now: Any, status: str, progress: dict[str, Any],
+                result: dict[str, Any], error: str | None = None) -> bool:
+    """End an orphaned job (`failed` or `cancelled`) through the conditional update `where`; True when this
+    reaper's write is the one that did it (and counted in the reaper's metrics)."""
+    values: dict[str, Any] = {"status": status, "finished_at": now, "lease_owner": None, "lease_expires_at": None,
+                              "progress": progress, "result": result}
+    if error is not None:
+        values["error"] = error
+    won = session.execute(where.values(**values)).rowcount == 1  # type: ignore[attr-defined]
+    if won:
+        REAPER_ACTIONS.labels(status).inc()
+    return won
 
 
 def _send(database: Database, send: Callable[[int, str | None], Any], job_id: int, task_id: str) -> bool:

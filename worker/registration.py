@@ -238,12 +238,11 @@ def sweep_ended_work_files(database: Database, settings: Settings) -> list[int]:
     (failed after too many losses, or cancelled). An ended job is never resumed, so its files are dead weight
     on the shared volume (the epoch checkpoint holds the optimiser state, several times the model).
     """
-    jobs_dir = settings.data_dir / "jobs"
+    jobs_dir = Workdir.jobs_dir(settings)
     if not jobs_dir.is_dir():
         return []
     left = {int(path.name): Workdir(path) for path in jobs_dir.iterdir() if path.name.isdigit() and path.is_dir()}
-    left = {job_id: workdir for job_id, workdir in left.items()
-            if any(part.exists() for part in (workdir.state, workdir.out, workdir.final, workdir.data))}
+    left = {job_id: workdir for job_id, workdir in left.items() if any(part.exists() for part in workdir.disposable)}
     if not left:
         return []
     with database.session() as session:
@@ -259,7 +258,7 @@ def discard_work_files(workdir: Workdir) -> None:
     """Once a job has ended (succeeded, cancelled or failed; none is resumed after that) drop the epoch
     checkpoint (optimiser state included, several times the model) and the intermediate checkpoints;
     costs.csv stays for the record."""
-    for path in (workdir.state, workdir.out, workdir.final, workdir.data):
+    for path in workdir.disposable:
         try:
             if path.is_symlink() or path.is_file():
                 path.unlink()

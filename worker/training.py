@@ -84,10 +84,15 @@ class Workdir:
 
     root: Path
 
+    @staticmethod
+    def jobs_dir(settings: Settings) -> Path:
+        """`data_dir/jobs`, where every job's folder is."""
+        return settings.data_dir / "jobs"
+
     @classmethod
     def of(cls, settings: Settings, job_id: int) -> Workdir:
         """`data_dir/jobs/<job_id>`, created."""
-        root = settings.data_dir / "jobs" / str(job_id)
+        root = cls.jobs_dir(settings) / str(job_id)
         root.mkdir(parents=True, exist_ok=True)
         return cls(root)
 
@@ -96,6 +101,11 @@ class Workdir:
     final = property(lambda self: self.root / "final", doc="The checkpoint with its verdict policy.")
     data = property(lambda self: self.root / "data", doc="Dataset plus feedback images (links).")
     costs = property(lambda self: self.root / "costs.csv", doc="The job's cost matrix.")
+
+    @property
+    def disposable(self) -> tuple[Path, ...]:
+        """What is dead weight once the job has ended (none is resumed after that); costs.csv stays."""
+        return (self.state, self.out, self.final, self.data)
 
 
 def _feedback(session: Any, *, through_id: int, classes: tuple[str, ...]) -> tuple[FeedbackImage, ...]:
