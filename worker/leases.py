@@ -48,6 +48,7 @@ class Lease:
     job_id: int
     owner: str
     ttl_s: float
+    taken_at: float = 0.0  # time.monotonic() just before the claim's UPDATE: the lease lasts ttl_s from then at least
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +68,7 @@ def new_owner() -> str:
 def claim(database: Database, *, job_id: int, ttl_s: float, task_id: str | None) -> Claim:
     """Take the job's lease and mark it running, unless it is finished or another live lease holds it."""
     owner = new_owner()
+    asked = time.monotonic()
     now = utcnow()
     with database.session() as session:
         taken = session.execute(
@@ -79,7 +81,7 @@ def claim(database: Database, *, job_id: int, ttl_s: float, task_id: str | None)
             session.execute(update(TrainingJob).where(TrainingJob.id == job_id, TrainingJob.started_at.is_(None))
                             .values(started_at=now))
             attempt = session.scalar(select(TrainingJob.attempts).where(TrainingJob.id == job_id)) or 1
-            return Claim(Lease(job_id, owner, ttl_s), "claimed", attempt)
+            return Claim(Lease(job_id, owner, ttl_s, asked), "claimed", attempt)
         job = session.get(TrainingJob, job_id)
         if job is None:
             return Claim(None, "missing")
@@ -94,7 +96,7 @@ def _owned(lease: Lease) -> Any:
 
 
 def renew(database: Database, lease: Lease) -> bool:
-    """Extend the lease; False when it is no longer ours."""
+    """Extend the lease (to at least ttl_s from this call); False when it is no longer ours."""
     with database.session() as session:
         result = session.execute(_owned(lease)
                                  .values(lease_expires_at=utcnow() + timedelta(seconds=lease.ttl_s)))
@@ -179,8 +181,13 @@ class Heartbeat:
     default `kill_this_process` (`os._exit`: with the threads pool that also ends the process's other jobs,
     which are redelivered and resume from their checkpoints). The broker's redelivery of the killed
     job's unacknowledged message finds it finished and does nothing. A lost lease does not end the
-    watch: a stuck attempt must still go. `disarm()` ends it once training has returned (scoring and
-    registration then run unlimited), and an attempt that ends (`__exit__`) is never killed.
+    watch: a stuck attempt must still go. `rearm()` gives the phase after training (scoring and
+    registration) a limit of its own, and an attempt that ends (`__exit__`) is never killed.
+
+    A renewal that fails (the database unreachable) is tried again at the next beat, but once a whole TTL
+    has passed since the last renewal that succeeded began, the lease has expired for everyone else: the
+    reaper may have requeued the job and another worker taken it. The heartbeat then sets `lost` itself
+    (fencing), so that this attempt stops writing the job's files (its epoch checkpoint) under the new one.
     """
 
     def __init__(self, database: Database, lease: Lease, *, hard_deadline: float | None = None,
@@ -189,6 +196,8 @@ class Heartbeat:
         self.database, self.lease = database, lease
         self.hard_deadline, self.hard_limit_s, self.on_hard_limit = hard_deadline, hard_limit_s, on_hard_limit
         self.lost = threading.Event()
+        self.phase = "training"
+        self._valid_until = (lease.taken_at or time.monotonic()) + lease.ttl_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"lease-{lease.job_id}", daemon=True)
 
@@ -201,8 +210,13 @@ class Heartbeat:
         self._thread.join(timeout=10)
 
     def disarm(self) -> None:
-        """No hard limit from now on (training has returned)."""
+        """No hard limit from now on."""
         self.hard_deadline = None
+
+    def rearm(self, phase: str, *, limit_s: float) -> None:
+        """A new hard limit of `limit_s` from now, for the attempt's next `phase` (named in the failure)."""
+        self.phase, self.hard_limit_s = phase, limit_s
+        self.hard_deadline = time.monotonic() + limit_s
 
     def _run(self) -> None:
         interval = self.lease.ttl_s / 3
@@ -219,17 +233,29 @@ class Heartbeat:
                 return
             if self.lost.is_set():
                 continue
+            asked = time.monotonic()
             try:
                 if not renew(self.database, self.lease):
                     logger.error("lost the lease on training job %s; stopping this attempt", self.lease.job_id)
                     self.lost.set()
+                    continue
+                self._valid_until = asked + self.lease.ttl_s
             except Exception:  # a database blip: try again next beat (the lease outlives two misses)
                 logger.exception("could not renew the lease on training job %s", self.lease.job_id)
+                if time.monotonic() >= self._valid_until:
+                    logger.error("training job %s: no renewal of its lease for %g s, so it has expired and another "
+                                 "worker may run the job now; stopping this attempt", self.lease.job_id,
+                                 self.lease.ttl_s)
+                    self.lost.set()
 
     def _hard_limit(self) -> None:
         limit = f"{self.hard_limit_s:g} s" if self.hard_limit_s is not None else "its hard limit"
-        message = (f"hard time limit: the training was still running after {limit} (RXVERIFY_TASK_TIME_LIMIT_S "
-                   "plus a grace) without stopping at its soft limit, so its worker process was killed")
+        if self.phase == "training":
+            message = (f"hard time limit: the training was still running after {limit} (RXVERIFY_TASK_TIME_LIMIT_S "
+                       "plus a grace) without stopping at its soft limit, so its worker process was killed")
+        else:
+            message = (f"hard time limit: {self.phase} after training was still running after {limit} "
+                       "(RXVERIFY_TASK_TIME_LIMIT_S plus a grace), so its worker process was killed")
         logger.critical("training job %s: %s", self.lease.job_id, message)
         if not self.lost.is_set():
             try:

@@ -134,16 +134,29 @@ def register_and_finish(*, database: Database, settings: Settings, spec: JobSpec
     from models.checkpoint import read_metadata
 
     assert outcome.checkpoint is not None and outcome.metadata is not None
-    if leases.cancel_requested(database, spec.job_id):  # asked after the last step: skip the evaluation
+
+    def stopped() -> bool:
+        """Between the stages: the lease lost (LeaseLost) or a cancel asked for (the job ends cancelled)."""
+        if hooks.heartbeat.lost.is_set():
+            raise leases.LeaseLost(f"training job {spec.job_id} lost its lease while it was being evaluated")
+        if not leases.cancel_requested(database, spec.job_id):
+            return False
         end_cancelled(database, lease, hooks=hooks, workdir=workdir, epochs=outcome.fit.epochs_completed)
+        return True
+
+    if stopped():  # asked after the last step: skip the evaluation
         return {"cancelled": True}
     hooks.progress.update(phase="evaluating", eta_s=0.0)
     hooks.write()
     costs = CostMatrix.read_csv(workdir.costs, spec.classes)
     candidate, decision, familiarity = finalise_checkpoint(outcome.checkpoint, workdir.final, data_root=data_root,
                                               cost_matrix=costs, settings=settings, seed=spec.seed)
+    if stopped():
+        return {"cancelled": True}
     parent = evaluation.evaluate_checkpoint(spec.base_path, data_root=data_root, cost_matrix=costs,
                                             device=settings.device)
+    if stopped():
+        return {"cancelled": True}
     reports = {split: result.report for split, result in candidate.items()}
     # The gate's evaluation of the active model (if another one was promoted meanwhile) runs here, before
     # the registration transaction, so that it never holds the database's write lock (see auto_promote).

@@ -127,7 +127,9 @@ class JobTask(Task):  # type: ignore[misc]
         outcome, hooks, data_root, workdir = training.run(database=self.database, settings=self.settings,
                                                           spec=spec, lease=lease, heartbeat=heartbeat,
                                                           deadline=deadline)
-        heartbeat.disarm()  # training returned: scoring and registration are not "stuck training"
+        # Training returned: scoring and registration get a hard limit of their own (a scoring pass stuck in
+        # a C call would otherwise hold the lease, renewed by the heartbeat, and the worker, for ever).
+        heartbeat.rearm("scoring and registration", limit_s=self.settings.task_time_limit_s + HARD_LIMIT_GRACE_S)
         if heartbeat.lost.is_set():
             raise leases.LeaseLost(f"training job {job_id} lost its lease")
         if outcome.stopped:

@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,8 +105,9 @@ class Workdir:
 
     @property
     def disposable(self) -> tuple[Path, ...]:
-        """What is dead weight once the job has ended (none is resumed after that); costs.csv stays."""
-        return (self.state, self.out, self.final, self.data)
+        """What is dead weight once the job has ended (none is resumed after that); costs.csv stays. That
+        includes the temp files of epoch checkpoints whose writer was killed mid-write (`save_state`)."""
+        return (self.state, *sorted(self.root.glob(f".{self.state.name}.tmp-*")), self.out, self.final, self.data)
 
 
 def _feedback(session: Any, *, through_id: int, classes: tuple[str, ...]) -> tuple[FeedbackImage, ...]:
@@ -185,12 +187,19 @@ def save_state(path: Path, state: TrainingState) -> None:
     """Write the epoch checkpoint atomically (temp file, fsync, rename)."""
     import torch
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        torch.save(state, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    # Unique to this write: two attempts of one job can overlap for a moment (one fenced off by a lost lease
+    # while still writing), and on a shared volume their workers may share a PID (each is PID 1 of its
+    # container). A failed write leaves no temp file behind.
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_state(path: Path | None) -> TrainingState | None:

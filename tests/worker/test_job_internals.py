@@ -187,6 +187,67 @@ def test_the_hard_limit_survives_a_lost_lease_and_spares_a_disarmed_or_finished_
         database.dispose()
 
 
+def test_a_heartbeat_that_cannot_renew_for_a_whole_ttl_fences_its_attempt_off(
+        tmp_path: Path, assets_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A database outage longer than the lease: the reaper elsewhere may have requeued the job by then and
+    another worker taken it, so this attempt must stop writing its files (it sets `lost` itself)."""
+    import time
+
+    settings, _seeded = seeded_sqlite_settings(assets_root, tiny_assets(assets_root / "tiny-assets"), tmp_path / "data")
+    database = Database(settings)
+    try:
+        job_id = _job(settings, JobRequest(method="baseline", dataset="tiny", hyperparameters={"epochs": 1}))
+        lease = leases.claim(database, job_id=job_id, ttl_s=1.5, task_id="t1").lease
+        assert lease is not None
+        renew, calls = leases.renew, []
+
+        def unreachable(*args: Any) -> bool:
+            calls.append(time.monotonic())
+            if len(calls) > 1:  # the first renewal goes through, then the database is gone
+                raise _locked()
+            return renew(*args)
+
+        monkeypatch.setattr(leases, "renew", unreachable)
+        with leases.Heartbeat(database, lease) as beat:
+            assert beat.lost.wait(10), "an attempt out of touch for a whole TTL kept going"
+            fenced = time.monotonic()
+        # Not before a TTL from the start of the last renewal that went through, and not much later.
+        assert len(calls) >= 3 and 1.5 <= fenced - calls[0] < 1.5 + 2 * 0.5 + 1.0
+    finally:
+        database.dispose()
+
+
+def test_scoring_and_registration_have_a_hard_limit_of_their_own(
+        tmp_path: Path, assets_root: Path, task_settings: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training returned, then the scoring hangs (a C call that never comes back): the heartbeat, rearmed for
+    that phase, marks the job failed and kills the process (faked here) instead of renewing the lease for ever."""
+    import threading
+
+    from worker import tasks
+
+    settings, task, job_id = _task_and_job(tmp_path, assets_root, hyperparameters={"epochs": 1, "batch_size": 8})
+    killed = threading.Event()
+    monkeypatch.setattr(leases, "kill_this_process", killed.set)
+    rearm, phases = leases.Heartbeat.rearm, []
+
+    def short(self: leases.Heartbeat, phase: str, *, limit_s: float) -> None:
+        phases.append((phase, limit_s))
+        rearm(self, phase, limit_s=1.0)
+
+    monkeypatch.setattr(leases.Heartbeat, "rearm", short)
+
+    def hangs(*args: Any, **kwargs: Any) -> Any:
+        assert killed.wait(20), "the post-training hard limit never fired"
+        raise leases.LeaseLost("killed")  # what the process would never get to do
+
+    monkeypatch.setattr(registration, "finalise_checkpoint", hangs)
+    assert task.apply(args=[job_id]).get() == {"job_id": job_id, "skipped": "lease lost"}
+    assert phases == [("scoring and registration", settings.task_time_limit_s + tasks.HARD_LIMIT_GRACE_S)]
+    row = job_row(settings, job_id)
+    assert row["status"] == "failed" and row["lease_owner"] is None
+    assert "scoring and registration after training was still running after 1 s" in row["error"]
+
+
 def _task_and_job(tmp_path: Path, assets_root: Path, **request: Any) -> tuple[Settings, Any, int]:
     settings, _seeded = seeded_sqlite_settings(assets_root, tiny_assets(assets_root / "tiny-assets"),
                                                tmp_path / "data", torch_threads=1, task_soft_time_limit_s=600,
@@ -212,9 +273,19 @@ def test_a_cancel_while_the_model_is_evaluated_registers_and_promotes_nothing(
         return finalise(*args, **kwargs)
 
     monkeypatch.setattr(registration, "finalise_checkpoint", cancel_then_finalise)
+    evaluated: list[Path] = []
+    evaluate = registration.evaluation.evaluate_checkpoint
+
+    def counted(checkpoint: Path, **kwargs: Any) -> Any:
+        evaluated.append(checkpoint)
+        return evaluate(checkpoint, **kwargs)
+
+    monkeypatch.setattr(registration.evaluation, "evaluate_checkpoint", counted)
     assert task.apply(args=[job_id]).get() == {"job_id": job_id, "status": "cancelled"}
     row = job_row(settings, job_id)
     assert row["status"] == "cancelled" and row["result_model_version_id"] is None
+    # Seen between the stages: the candidate was scored, the parent no longer.
+    assert len(evaluated) == 1 and row["progress"]["phase"] == "cancelled"
     assert count_rows(settings, ModelVersion) == 2 and count_rows(settings, ModelPromotion) == 1  # the seeded ones
     # A job that ended is never resumed: only its cost matrix stays on disk.
     assert sorted(p.name for p in Workdir.of(settings, job_id).root.iterdir()) == ["costs.csv"]
@@ -378,6 +449,7 @@ def test_an_orphan_whose_cancel_was_asked_for_ends_cancelled_and_its_files_go(tm
         workdirs = {job: Workdir.of(settings, job) for job in (job_id, other)}
         for workdir in workdirs.values():
             workdir.state.write_bytes(b"epoch checkpoint")
+            (workdir.root / ".state.pt.tmp-7-0123456789ab").write_bytes(b"half a checkpoint (writer killed)")
             workdir.final.mkdir()
         sent: list[tuple[int, str | None]] = []
         assert leases.requeue_orphans(database, send=lambda j, t: sent.append((j, t))) == [other]
@@ -387,11 +459,31 @@ def test_an_orphan_whose_cancel_was_asked_for_ends_cancelled_and_its_files_go(tm
         assert [job for job, _ in sent] == [other] and job_row(settings, other)["status"] == "queued"
 
         assert registration.sweep_ended_work_files(database, settings) == [job_id]
-        assert not workdirs[job_id].state.exists() and not workdirs[job_id].final.exists()
+        assert list(workdirs[job_id].root.iterdir()) == []  # (this job never ran: it has no costs.csv)
         assert workdirs[other].state.is_file() and workdirs[other].final.is_dir()  # queued: it resumes from it
         assert registration.sweep_ended_work_files(database, settings) == []
     finally:
         database.dispose()
+
+
+class _DiskFull(OSError):
+    pass
+
+
+class _Unwritable:
+    def __reduce__(self) -> Any:
+        raise _DiskFull("no space left on device")
+
+
+def test_an_epoch_checkpoint_write_that_fails_leaves_no_temp_file(tmp_path: Path) -> None:
+    path = tmp_path / "state.pt"
+    training.save_state(path, {"epoch": 1})  # type: ignore[typeddict-item]
+    with pytest.raises(_DiskFull):
+        training.save_state(path, {"epoch": 2, "fails": _Unwritable()})  # type: ignore[typeddict-item]
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
+    import torch
+
+    assert torch.load(path, weights_only=True) == {"epoch": 1}  # the last good one stays
 
 
 class _WorkerKilled(BaseException):
