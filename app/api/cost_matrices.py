@@ -43,8 +43,9 @@ def parse_ref(text: str, *, field: str = "path.version") -> service.VersionRef:
         return "active"
     if text.isascii() and text.isdigit() and len(text) <= len(str(MAX_ID)) and 1 <= int(text) <= MAX_ID:
         return int(text)
-    raise InvalidInput(f"{text[:40]!r} is not a version number or 'active'",
-                       errors=[FieldError(field, "expected a version number or 'active'", "version_ref")])
+    # The same problem type as a malformed id anywhere else (FastAPI's validation of `int` path parameters).
+    raise InvalidInput(f"{text[:40]!r} is not a version number or 'active'", slug="validation-error",
+                       title="Request validation failed", errors=[FieldError(field, "expected a version number or 'active'", "version_ref")])
 
 
 def _summary(version: CostMatrixVersion, active_id: int | None, *, entry_count: int) -> CostMatrixSummary:

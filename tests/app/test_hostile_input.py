@@ -72,7 +72,8 @@ def test_ids_beyond_the_integer_range_are_422(any_env: ApiEnv, number: int) -> N
                         ("get", f"/v1/admin/models/promotions?before_id={number}"),
                         ("get", f"/v1/admin/training-jobs?before_id={number}"),
                         ("get", f"/v1/admin/api-keys/{number}")):
-        _problem(getattr(any_env.client, method)(url, headers=admin), 422)
+        body = _problem(getattr(any_env.client, method)(url, headers=admin), 422)
+        assert body["type"].endswith("/validation-error"), (url, body["type"])  # one problem type for a bad id
     _problem(any_env.client.post("/v1/admin/cost-matrices", headers=admin, json=_edit("x", parent=number)), 422)
     _problem(any_env.client.post("/v1/admin/training-jobs", headers=admin,
                                  json={"dataset": "any", "base_model": number}), 422)
