@@ -9,6 +9,7 @@ process; under the prefork pool the jobs run in children, whose figures this pro
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Mapping
@@ -28,12 +29,14 @@ JOB_ATTEMPT_SECONDS = Histogram(
     buckets=(1, 10, 60, 300, 900, 1800, 3600, 2 * 3600, 4 * 3600, 8 * 3600, 24 * 3600))
 JOBS_IN_PROGRESS = Gauge("rxverify_training_jobs_in_progress", "Training-job deliveries running in this process.")
 TRAINING_STEPS = Counter("rxverify_training_steps_total", "Optimiser steps taken by this process's training jobs.")
-TRAINING_PROGRESS = Gauge("rxverify_training_progress_ratio",
-                          "Fraction of the running job's steps done (NaN while no job trains).")
-TRAINING_LOSS = Gauge("rxverify_training_loss", "The running job's last training loss (NaN while none).")
+# The running jobs' figures carry a job_id label: a threads pool runs several jobs in one process. A job's
+# series exist while its delivery runs and are removed when it ends, so the label stays bounded.
+TRAINING_PROGRESS = Gauge("rxverify_training_progress_ratio", "Fraction of the running job's steps done.", ["job_id"])
+TRAINING_LOSS = Gauge("rxverify_training_loss", "The running job's last training loss.", ["job_id"])
 ATTACK_SUCCESS = Gauge("rxverify_training_attack_success_ratio",
-                       "The running job's last CSADA attack success rate (NaN when it has no attack).")
-TRAINING_ETA = Gauge("rxverify_training_eta_seconds", "The running job's estimated time left (NaN while unknown).")
+                       "The running job's last CSADA attack success rate (NaN when it has no attack).", ["job_id"])
+TRAINING_ETA = Gauge("rxverify_training_eta_seconds", "The running job's estimated time left (NaN while unknown).",
+                     ["job_id"])
 REAPER_ACTIONS = Counter(
     "rxverify_reaper_actions_total",
     "Jobs this worker's reaper moved on: requeued (their worker died), failed (it died too often at the same "
@@ -52,7 +55,6 @@ def _initialise() -> None:
         JOB_ATTEMPT_SECONDS.labels(outcome)
     for action in REAPER_ACTION_NAMES:
         REAPER_ACTIONS.labels(action)
-    clear_progress()
 
 
 def outcome_of(result: Mapping[str, Any]) -> str:
@@ -71,19 +73,22 @@ def record_attempt(outcome: str, seconds: float) -> None:
     JOB_ATTEMPT_SECONDS.labels(outcome).observe(seconds)
 
 
-def record_step(*, fraction: float, loss: float, attack_success_rate: float | None, eta_s: float | None) -> None:
-    """One optimiser step of the running job."""
+def record_step(job_id: int, *, fraction: float, loss: float, attack_success_rate: float | None,
+                eta_s: float | None) -> None:
+    """One optimiser step of running job `job_id`."""
     TRAINING_STEPS.inc()
-    TRAINING_PROGRESS.set(fraction)
-    TRAINING_LOSS.set(loss)
-    ATTACK_SUCCESS.set(math.nan if attack_success_rate is None else attack_success_rate)
-    TRAINING_ETA.set(math.nan if eta_s is None else eta_s)
+    job = str(job_id)
+    TRAINING_PROGRESS.labels(job).set(fraction)
+    TRAINING_LOSS.labels(job).set(loss)
+    ATTACK_SUCCESS.labels(job).set(math.nan if attack_success_rate is None else attack_success_rate)
+    TRAINING_ETA.labels(job).set(math.nan if eta_s is None else eta_s)
 
 
-def clear_progress() -> None:
-    """No job trains: the running job's gauges read NaN, not the last job's values."""
+def clear_progress(job_id: int) -> None:
+    """Job `job_id`'s delivery ended: drop its series (the other running jobs' stay)."""
     for gauge in _RUNNING_GAUGES:
-        gauge.set(math.nan)
+        with contextlib.suppress(KeyError):  # it ended before its first step
+            gauge.remove(str(job_id))
 
 
 def serve(port: int, host: str) -> bool:

@@ -241,7 +241,7 @@ def run_training_job(self: JobTask, job_id: int) -> dict[str, Any]:
         raise
     finally:
         worker_metrics.JOBS_IN_PROGRESS.dec()
-        worker_metrics.clear_progress()
+        worker_metrics.clear_progress(job_id)
         worker_metrics.record_attempt(outcome, time.monotonic() - started)
 
 

@@ -320,7 +320,7 @@ class Hooks:
                              loss=event.loss if math.isfinite(event.loss) else None,
                              attack_success_rate=event.attack_success_rate, elapsed_s=round(event.elapsed_s, 3),
                              eta_s=round(eta, 1) if eta is not None else None)
-        worker_metrics.record_step(fraction=self.progress["fraction"], loss=event.loss,
+        worker_metrics.record_step(self.lease.job_id, fraction=self.progress["fraction"], loss=event.loss,
                                    attack_success_rate=event.attack_success_rate, eta_s=eta)
         now = time.monotonic()
         if now - self._last_write >= PROGRESS_EVERY_S or event.step == event.steps_per_epoch:

@@ -5,7 +5,6 @@ in the worker's own Prometheus metrics too."""
 from __future__ import annotations
 
 import hashlib
-import math
 import socket
 import urllib.request
 from collections.abc import Iterator
@@ -45,6 +44,16 @@ def attempts(scrape: dict[tuple[str, tuple[tuple[str, str], ...]], float], outco
     return scrape[("rxverify_training_job_attempts_total", (("outcome", outcome),))]
 
 
+RUNNING_GAUGES = ("rxverify_training_progress_ratio", "rxverify_training_loss",
+                  "rxverify_training_attack_success_ratio", "rxverify_training_eta_seconds")
+
+
+def running_series(scrape: dict[tuple[str, tuple[tuple[str, str], ...]], float]
+                   ) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The running jobs' gauges in a scrape."""
+    return {key: value for key, value in scrape.items() if key[0] in RUNNING_GAUGES}
+
+
 @pytest.fixture(scope="module", autouse=True)
 def shared_worker(fleet_settings: Settings, workers: Workers,
                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
@@ -58,7 +67,7 @@ def shared_worker(fleet_settings: Settings, workers: Workers,
 
 def test_a_csada_job_succeeds_and_registers_a_model_with_metrics(fleet: Fleet) -> None:
     before = worker_metrics()
-    assert math.isnan(before[("rxverify_training_progress_ratio", ())])  # no job trains yet
+    assert not running_series(before)  # no job trains yet
     job_id = fleet.start_job(method="csada", hyperparameters=FAST, auto_promote=True)
     job = fleet.wait_status(job_id, "succeeded")
     # The job's row says succeeded a moment before its task returns and counts itself.
@@ -68,7 +77,7 @@ def test_a_csada_job_succeeds_and_registers_a_model_with_metrics(fleet: Fleet) -
     steps = after[("rxverify_training_steps_total", ())] - before[("rxverify_training_steps_total", ())]
     assert steps == 10  # 2 epochs of 5 steps
     assert after[("rxverify_training_jobs_in_progress", ())] == 0
-    assert math.isnan(after[("rxverify_training_loss", ())])  # cleared when the attempt ended
+    assert not running_series(after)  # the job's series went when its attempt ended
     assert after[("rxverify_training_job_attempt_seconds_count", (("outcome", "succeeded"),))] == attempts(after, "succeeded")
     assert job["attempts"] == 1 and job["error"] is None
     progress = job["progress"]
@@ -123,11 +132,16 @@ def test_cancel_stops_a_running_job_at_its_next_step(fleet: Fleet) -> None:
     job_id = fleet.start_job(method="baseline", hyperparameters={"epochs": 500, "batch_size": 4})
     fleet.wait_status(job_id, "running")
     wait_for(lambda: fleet.job(job_id)["progress"].get("phase") == "training", timeout=60, what="training steps")
+    during = running_series(worker_metrics())  # labelled by job: a threads pool runs several in one process
+    assert {name for name, _ in during} == set(RUNNING_GAUGES) and {labels for _, labels in during} == {
+        (("job_id", str(job_id)),)}
+    assert 0 < during[("rxverify_training_progress_ratio", (("job_id", str(job_id)),))] < 1
     response = fleet.client.post(f"/v1/admin/training-jobs/{job_id}/cancel", headers=fleet.headers())
     assert response.status_code == 202 and response.json()["cancel_requested"] is True
     job = fleet.wait_status(job_id, "cancelled", timeout=30)
     wait_for(lambda: attempts(worker_metrics(), "cancelled") == 1, timeout=10, what="the cancelled attempt counted")
     assert job["progress"]["phase"] == "cancelled" and job["result_model_version"] is None
+    assert not running_series(worker_metrics())
     assert job["result"]["cancelled_after_epochs"] < 500
     assert len(fleet.client.get(MODELS, headers=fleet.headers()).json()) == 1  # nothing registered
 
