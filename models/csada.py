@@ -46,10 +46,11 @@ BN is not frozen, and one backward pass).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -85,6 +86,11 @@ class CsadaConfig:
     on_reject: OnReject = "stay"  # a rejected sample keeps trying ("stay") or ends ("stop")
     attack_batch_size: int | None = None  # M, draws per sampled pair; None: batch size / pairs_per_step
     pairs_per_step: int = 1  # P, pairs sampled per step (Algorithm 3 has 1; more lowers the variance)
+    # "float32": a CSADA step (Algorithm 1 and the clean + adversarial forward) runs in float32 even under
+    # the engine's autocast, because an ascent step of 1e-4 (the paper's eta_2) is far below bf16's resolution
+    # (about 0.008 at a normalised pixel value of 2): rounded, x + delta is mostly x again. "autocast": the
+    # caller's autocast applies (faster on a GPU; only sign steps well above that resolution survive it).
+    attack_precision: AttackPrecision = "float32"
 
     def __post_init__(self) -> None:
         if self.lam < 0 or self.eps < 0 or self.steps < 0 or self.step_size < 0 or self.tau < 0:
@@ -97,6 +103,8 @@ class CsadaConfig:
             raise ValueError("attack_batch_size must be >= 1")
         if self.pairs_per_step < 1:
             raise ValueError("pairs_per_step must be >= 1")
+        if self.attack_precision not in ("float32", "autocast"):
+            raise ValueError(f"attack_precision must be 'float32' or 'autocast' (got {self.attack_precision!r})")
         if self.clamp is not None:
             object.__setattr__(self, "clamp", _clamp_bounds(self.clamp))
 
@@ -128,6 +136,7 @@ class CsadaConfig:
 
 
 ClampBounds = tuple[float, float] | tuple[tuple[float, ...], tuple[float, ...]]
+AttackPrecision = Literal["float32", "autocast"]
 
 
 def _clamp_bounds(value: Any) -> ClampBounds:
@@ -244,7 +253,13 @@ class CsadaMethod(Method):
         return _zip_plan(plan, batches)
 
     def compute_loss(self, model: nn.Module, x: Tensor, y: Tensor, *, extra: Any = None) -> LossOutput:
-        """Clean CE plus lambda times the weighted adversarial CE (one sampled pair, or all pairs)."""
+        """Clean CE plus lambda times the weighted adversarial CE (one sampled pair, or all pairs), in the
+        precision `attack_precision` says."""
+        keep_autocast = self.config.attack_precision == "autocast" or not torch.is_autocast_enabled(x.device.type)
+        with contextlib.nullcontext() if keep_autocast else torch.autocast(x.device.type, enabled=False):
+            return self._compute_loss(model, x, y, extra=extra)
+
+    def _compute_loss(self, model: nn.Module, x: Tensor, y: Tensor, *, extra: Any) -> LossOutput:
         if self.config.stochastic:
             if extra is None:
                 raise RuntimeError("stochastic CSADA needs the epoch stream's class-a draws")

@@ -149,6 +149,36 @@ def test_loss_reports_attack_success(stochastic: bool) -> None:
     assert all(p.grad is not None for p in model.parameters())
 
 
+@pytest.mark.parametrize("stochastic", [True, False])
+def test_a_csada_step_runs_in_float32_under_the_engines_autocast(stochastic: bool) -> None:
+    """bf16 autocast (here the CPU's, standing in for a GPU's) would round the paper's 1e-4 ascent steps
+    away; by default a CSADA step ignores it and computes exactly what it computes without autocast."""
+    data = toy_data()
+    x, y = data.tensors
+
+    def step(precision: str, *, autocast: bool) -> tuple[torch.Tensor, set[torch.dtype], torch.Tensor]:
+        method = create_method("csada", cost_matrix=cost_matrix(), stochastic=stochastic, eps=1.0, steps=5,
+                               step_size=1e-4, tau=1.0, attack_precision=precision)
+        method.setup(train_dataset=data)
+        model, dtypes = mlp(data=data), set()
+        model[2].register_forward_hook(lambda _m, _i, out: dtypes.add(out.dtype))
+        extra = None
+        if stochastic:
+            extra = next(iter(method.epoch_stream(epoch=0, seed=0, steps=1, batch_size=8,
+                                                  loader=DataLoader(data, batch_size=8)) or []))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            output = method.compute_loss(model, x, y, extra=extra)
+        output.loss.backward()
+        return output.loss.detach(), dtypes, model[0].weight.grad.clone()
+
+    plain_loss, plain_dtypes, plain_grad = step("float32", autocast=False)
+    loss, dtypes, grad = step("float32", autocast=True)
+    assert plain_dtypes == dtypes == {torch.float32}
+    assert torch.equal(loss, plain_loss) and torch.equal(grad, plain_grad)
+    _, autocast_dtypes, _ = step("autocast", autocast=True)  # opted in: the caller's autocast applies
+    assert torch.bfloat16 in autocast_dtypes
+
+
 def test_config_validation_and_round_trip() -> None:
     config = CsadaConfig.from_dict({"lam": 10, "eps": 10, "steps": 10, "step_size": 0.05, "clamp": [0, 1]})
     assert config.clamp == (0.0, 1.0)
@@ -157,6 +187,8 @@ def test_config_validation_and_round_trip() -> None:
         CsadaConfig.from_dict({"lambda": 1})
     with pytest.raises(ValueError):
         CsadaConfig(norm="l1")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="attack_precision"):
+        CsadaConfig(attack_precision="fp16")  # type: ignore[arg-type]
 
 
 def test_per_channel_clamp_keeps_attacked_images_valid() -> None:

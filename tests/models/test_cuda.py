@@ -78,13 +78,15 @@ def test_autocast_uses_bf16_or_fp16_on_cuda() -> None:
     assert seen == [amp_dtype(device)] and seen[0] in (torch.bfloat16, torch.float16)
 
 
+@pytest.mark.parametrize("precision", ["float32", "autocast"])
 @pytest.mark.parametrize("stochastic", [True, False])
-def test_csada_fine_tunes_under_autocast_on_cuda(stochastic: bool) -> None:
-    """CSADA (Algorithms 2 and 3) trains on the GPU with autocast: finite losses, attacks that succeed."""
+def test_csada_fine_tunes_under_autocast_on_cuda(stochastic: bool, precision: str) -> None:
+    """CSADA (Algorithms 2 and 3) trains on the GPU with the engine's autocast on: finite losses, attacks
+    that succeed; its steps run in float32 unless `attack_precision` lets autocast apply."""
     model, x, y = small_problem(seed=2, n=96)
     costs = CostMatrix.from_pairs(CLASSES, {(CLASSES[0], CLASSES[1]): 10.0, (CLASSES[2], CLASSES[3]): 5.0})
     method = create_method("csada", cost_matrix=costs, lam=2.0, eps=0.5, steps=5, step_size=0.05,
-                           stochastic=stochastic)
+                           stochastic=stochastic, attack_precision=precision)
     before = [p.detach().clone() for p in model.parameters()]
     dtypes: set[torch.dtype] = set()
     model.fc.register_forward_hook(lambda _m, _i, out: dtypes.add(out.dtype))  # type: ignore[union-attr]
@@ -93,7 +95,10 @@ def test_csada_fine_tunes_under_autocast_on_cuda(stochastic: bool) -> None:
     assert result.epochs_run == 2
     assert all(torch.isfinite(torch.tensor(record["loss"])) for record in result.history)
     assert all(record["attack_success_rate"] is not None for record in result.history)
-    assert amp_dtype(torch.device("cuda")) in dtypes
+    if precision == "autocast":
+        assert amp_dtype(torch.device("cuda")) in dtypes
+    else:
+        assert dtypes == {torch.float32}
     assert any(not torch.equal(a, b.cpu()) for a, b in zip(before, model.parameters(), strict=True))
     assert next(model.parameters()).dtype == torch.float32  # autocast never changes the stored weights
 
