@@ -161,7 +161,7 @@ def test_a_csada_step_runs_in_float32_under_the_engines_autocast(stochastic: boo
                                step_size=1e-4, tau=1.0, attack_precision=precision)
         method.setup(train_dataset=data)
         model, dtypes = mlp(data=data), set()
-        model[2].register_forward_hook(lambda _m, _i, out: dtypes.add(out.dtype))
+        model.get_submodule("2").register_forward_hook(lambda _m, _i, out: dtypes.add(out.dtype))
         extra = None
         if stochastic:
             extra = next(iter(method.epoch_stream(epoch=0, seed=0, steps=1, batch_size=8,
@@ -169,7 +169,9 @@ def test_a_csada_step_runs_in_float32_under_the_engines_autocast(stochastic: boo
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             output = method.compute_loss(model, x, y, extra=extra)
         output.loss.backward()
-        return output.loss.detach(), dtypes, model[0].weight.grad.clone()
+        grad = model.get_submodule("0").get_parameter("weight").grad
+        assert grad is not None
+        return output.loss.detach(), dtypes, grad.clone()
 
     plain_loss, plain_dtypes, plain_grad = step("float32", autocast=False)
     loss, dtypes, grad = step("float32", autocast=True)
