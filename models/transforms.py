@@ -20,15 +20,19 @@ tensor has the same shape and nearly the same values as a full-resolution decode
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any, Protocol
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
+
+logger = logging.getLogger(__name__)
 
 ImageSource = str | Path | IO[bytes]
 
@@ -42,12 +46,60 @@ class _PresetMetadata(Protocol):
     def std(self) -> Sequence[float]: ...
 
 
+# 16-bit (and 32-bit integer) greyscale: Pillow's convert() clips these at 255 instead of scaling them.
+_WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """`image` in RGB. 16-bit greyscale is scaled to 8 bits first (the top byte, as the PNG specification
+    defines the samples over the full 16-bit range); a plain `convert("RGB")` would clip every value above
+    255, turning a normal 16-bit photo white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in _WIDE_GREY:
+        values = np.asarray(image)
+        if values.dtype.itemsize > 2:  # mode I (int32): 16-bit samples read into a wider type
+            values = np.clip(values, 0, 65535)
+        image = Image.fromarray((values >> 8).astype(np.uint8), "L")
+    return image.convert("RGB")
+
+
+def reduce_to(image: Image.Image, request: tuple[int, int]) -> Image.Image:
+    """Shrink by the largest integer factor that keeps both sides at or above `request` (box filter).
+
+    What a JPEG draft does while decoding, for the formats that have none (PNG, WebP): the later steps then
+    work on a small image, not a copy of a 40-megapixel one. Palette and 1-bit images are converted first
+    (averaging palette indices would mean nothing).
+    """
+    factor = min(image.width // max(1, request[0]), image.height // max(1, request[1]))
+    if factor < 2:
+        return image
+    if image.mode in ("1", "P", "PA") or image.mode in _WIDE_GREY:
+        image = to_rgb(image)
+    return image.reduce(factor)
+
+
+def upright_rgb(image: Image.Image, *, request: tuple[int, int] | None = None) -> Image.Image:
+    """A loaded image as the model reads it: shrunk towards `request` if given (`reduce_to`), turned upright by
+    its EXIF orientation (a malformed EXIF block is ignored, with a warning), in RGB (`to_rgb`). Training's
+    `decode` and the serving decoder (app.inference.images) both go through it."""
+    if request is not None:
+        image = reduce_to(image, request)
+    try:
+        ImageOps.exif_transpose(image, in_place=True)
+    except (OSError, SyntaxError, ValueError, TypeError, KeyError) as error:
+        # The pixels are fine; the model is trained with right-angle rotations, so a lost orientation
+        # only costs robustness, not correctness.
+        logger.warning("ignoring malformed EXIF orientation: %s", error)
+    return to_rgb(image)
+
+
 class ConvertRGB(torch.nn.Module):
-    """Convert a PIL image of any mode (L, P, RGBA, CMYK, ...) to RGB; tensors pass through."""
+    """Convert a PIL image of any mode (L, P, RGBA, CMYK, 16-bit grey, ...) to RGB (`to_rgb`); tensors pass."""
 
     def forward(self, image: Any) -> Any:
-        if isinstance(image, Image.Image) and image.mode != "RGB":
-            return image.convert("RGB")
+        if isinstance(image, Image.Image):
+            return to_rgb(image)
         return image
 
 
@@ -118,12 +170,16 @@ class _Preset:
         return math.ceil(width * need / short), math.ceil(height * need / short)
 
     def decode(self, source: ImageSource) -> Image.Image:
-        """Open an image file or stream, decoding JPEGs at reduced scale where safe; returns upright RGB."""
+        """Open an image file or stream, decoding JPEGs at reduced scale where safe (other formats are shrunk
+        the same way after decoding); returns upright RGB, as the serving decoder (app.inference.images) does."""
         with Image.open(source) as image:
-            image.draft("RGB", self.draft_request(*image.size))
-            # EXIF orientation, as the serving decoder (app.inference.images) applies it.
-            upright = ImageOps.exif_transpose(image)
-            return upright.convert("RGB")
+            request = self.draft_request(*image.size)
+            image.draft("RGB", request)
+            image.load()
+            upright = upright_rgb(image, request=request)
+            if upright is image:  # upright_rgb returns the opened image itself when nothing changed
+                upright = image.copy()
+            return upright
 
     def __call__(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
         """Transform one image into a normalised (3, image_size, image_size) float tensor."""

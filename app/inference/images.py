@@ -2,8 +2,9 @@
 
 Order of checks (cheapest first, nothing large is allocated before the pixel check):
 empty -> byte size -> real format sniffed from the magic bytes (never the filename or content type)
--> header-only open with only that format's plugin -> width x height from the header
--> optional JPEG draft (decode at 1/2, 1/4 or 1/8 scale) -> full decode -> EXIF orientation -> RGB.
+-> header-only open with only that format's plugin -> width x height from the header -> no animation
+-> optional JPEG draft (decode at 1/2, 1/4 or 1/8 scale) -> full decode -> other formats shrunk to the
+same size by an integer factor -> EXIF orientation -> RGB (16-bit greyscale scaled, not clipped).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from PIL import Image, ImageFile, ImageOps, ImageStat
+from PIL import Image, ImageFile, ImageStat
 
 from app.errors import DomainError
+from models.transforms import upright_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +84,14 @@ class ImageBlank(ImageError):
     status = 422
     default_slug = "image-blank"
     default_title = "The photo is blank"
+
+
+class AnimatedImage(ImageError):
+    """An animation (animated WebP, APNG): which frame shows the bottle is anyone's guess."""
+
+    status = 422
+    default_slug = "animated-image"
+    default_title = "The image is an animation"
 
 
 class CorruptImage(ImageError):
@@ -190,16 +200,24 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int,
     if min(width, height) < min_side:
         # The model would still name a product for it (it always does): refuse instead of guessing.
         raise ImageTooSmall(f"the image is {width}x{height}; each side needs at least {min_side} pixels")
-    if draft_size is not None and real == "JPEG":
+    if getattr(image, "is_animated", False):
+        # Only the first frame would be verified, while the audit hash and the retained file cover them all.
+        raise AnimatedImage(f"the {real} image has {getattr(image, 'n_frames', 'several')} frames; send one still "
+                            "photo")
+    request = None
+    if draft_size is not None:
         request = draft_size(width, height) if callable(draft_size) else draft_size
-        image.draft("RGB", request)
+        if real == "JPEG":
+            image.draft("RGB", request)
     try:
         image.load()
     except Image.DecompressionBombError as error:
         raise ImageTooManyPixels(f"the image declares too many pixels ({error})") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as error:
         raise CorruptImage(f"the {real} data is truncated or corrupt: {error}") from None
-    upright = _upright_rgb(image)
+    # Other formats than JPEG are shrunk to the same request right after decoding, before the copies that the
+    # orientation, the RGB conversion and the contrast check make (models.transforms.upright_rgb).
+    upright = upright_rgb(image, request=request)
     if min_contrast > 0:
         grey = upright.convert("L")
         grey.thumbnail((64, 64), Image.Resampling.BOX)
@@ -208,14 +226,3 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int,
             raise ImageBlank(f"the photo is blank or nearly uniform (grey-level standard deviation {contrast:.2f} "
                              f"of 255, below {min_contrast:g}): check the camera and take it again")
     return upright
-
-
-def _upright_rgb(image: Image.Image) -> Image.Image:
-    """Apply the EXIF orientation in place, then convert to RGB (a malformed EXIF block is ignored)."""
-    try:
-        ImageOps.exif_transpose(image, in_place=True)
-    except (OSError, SyntaxError, ValueError, TypeError, KeyError) as error:
-        # The pixels are fine; the model is trained with right-angle rotations, so a lost orientation
-        # only costs robustness, not correctness.
-        logger.warning("ignoring malformed EXIF orientation: %s", error)
-    return image if image.mode == "RGB" else image.convert("RGB")

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
 from app.inference.images import (
+    AnimatedImage,
     CorruptImage,
     ImageBlank,
     ImageEmpty,
@@ -167,8 +168,56 @@ def test_jpeg_draft_decodes_a_pmi_sized_photo_at_reduced_scale() -> None:
     assert drafted.size == (321, 240)  # libjpeg's 1/4 scale: the shorter side stays >= 224
     assert decode_image(data, draft_size=(224, 224), **LIMITS).size == (321, 240)
     assert preset(drafted).shape == (3, 224, 224)
-    # Drafting never applies to formats without it.
-    assert decode_image(encode(photo(), "PNG"), draft_size=(224, 224), **LIMITS).size == (1284, 960)
+    # Formats without a draft are shrunk after decoding by an integer factor to the same size (1/4 here).
+    png = encode(photo(), "PNG")
+    assert decode_image(png, draft_size=(224, 224), **LIMITS).size == (321, 240)
+    assert decode_image(png, **LIMITS).size == (1284, 960)  # no request, no shrinking
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP", "JPEG"])
+def test_training_and_serving_decode_a_photo_to_the_same_pixels(fmt: str, tmp_path: Any) -> None:
+    """Training's `preset.decode` and the serving decoder shrink, turn and convert a photo alike."""
+    stored = photo(1600, 1200).convert("RGBA") if fmt != "JPEG" else photo(1600, 1200)
+    exif = Image.Exif()
+    exif[0x0112] = 8  # "rotate 90 degrees counter-clockwise to display"
+    path = tmp_path / f"photo.{fmt.lower()}"
+    path.write_bytes(encode(stored, fmt, exif=exif.tobytes(), **({"lossless": True} if fmt == "WEBP" else {})))
+    preset = EvalPreset(image_size=224, mean=(0.5,) * 3, std=(0.25,) * 3)
+    served = decode_image(path.read_bytes(), draft_size=preset.draft_request, **LIMITS)
+    trained = preset.decode(path)
+    # Upright (portrait); JPEG's draft takes 1/4, the others the largest integer factor, 1/5: the shorter
+    # side never drops below the model's 224.
+    assert served.mode == trained.mode == "RGB" and served.size == trained.size == (
+        (300, 400) if fmt == "JPEG" else (240, 320))
+    assert served.tobytes() == trained.tobytes()
+
+
+def test_16_bit_greyscale_is_scaled_to_8_bits_not_clipped() -> None:
+    """Pillow's convert() clips 16-bit samples at 255: a normal 16-bit photo would come out white (and be
+    refused as blank), so the top byte is taken instead, as PNG defines the samples over the full range."""
+    import numpy as np
+
+    values = np.full((96, 128), 30000, dtype=np.uint16)
+    values[24:72, 32:96] = 8000  # a darker pill on a light background
+    data = encode(Image.fromarray(values), "PNG")
+    assert Image.open(io.BytesIO(data)).mode.startswith("I")
+    image = decode_image(data, min_contrast=2.0, **LIMITS)
+    assert image.mode == "RGB" and image.getpixel((0, 0)) == (117, 117, 117)  # 30000 >> 8
+    assert image.getpixel((64, 48)) == (31, 31, 31)  # 8000 >> 8
+    preset = EvalPreset(image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3)
+    served = decode_image(data, draft_size=preset.draft_request, **LIMITS)  # shrunk 1/2 for a 32 px model
+    assert served.size == (64, 48) and preset.decode(io.BytesIO(data)).tobytes() == served.tobytes()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
+def test_animations_are_refused(fmt: str) -> None:
+    """Only the first frame would be verified, while the hash and the retained file cover every frame."""
+    frames = [Image.new("RGB", (64, 64), colour) for colour in ("black", "white")]
+    data = encode(frames[0], fmt, save_all=True, append_images=frames[1:], duration=100)
+    with pytest.raises(AnimatedImage, match="2 frames") as raised:
+        decode_image(data, **LIMITS)
+    assert raised.value.status == 422 and raised.value.slug == "animated-image"
+    assert decode_image(encode(frames[0], fmt), **LIMITS).size == (64, 64)  # a still image of it passes
 
 
 def test_sha256_hex() -> None:
