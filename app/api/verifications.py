@@ -91,6 +91,7 @@ Problem types (`application/problem+json`, `type` = `https://rxverify.dev/proble
 | 422 | `corrupt-image` | the image is truncated or corrupt |
 | 422 | `image-too-small` | a side of the image is shorter than `RXVERIFY_MIN_IMAGE_SIDE` pixels |
 | 422 | `image-blank` | the photo has next to no contrast (covered lens, white or black frame): retake it |
+| 422 | `animated-image` | an animated WebP or PNG: send one still photo |
 | 422 | `malformed-ndc` | `prescribed_ndc` is not an NDC in any accepted form |
 | 422 | `ambiguous-ndc` | a bare 10-digit NDC that matches several catalog products |
 | 422 | `unknown-ndc` | a well-formed NDC whose product is not in the catalog |

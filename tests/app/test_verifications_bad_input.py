@@ -39,6 +39,18 @@ def png_claiming(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
+def animated_webp() -> bytes:
+    """Two frames: which one shows the bottle?"""
+    import io
+
+    from PIL import Image
+
+    frames = [Image.new("RGB", (64, 64), colour) for colour in ("navy", "orange")]
+    out = io.BytesIO()
+    frames[0].save(out, format="WEBP", save_all=True, append_images=frames[1:], duration=100)
+    return out.getvalue()
+
+
 @pytest.fixture(scope="module")
 def bad_env(seeded_sqlite_template: tuple[Path, dict[Role, str]],
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiEnv]:
@@ -86,6 +98,7 @@ UPLOAD_CASES: dict[str, tuple[dict[str, Any], int, str]] = {
     "white frame": (dict(image=blank_photo("white"), filename="bottle.png"), 422, "image-blank"),
     "black frame with sensor noise": (dict(image=blank_photo("black", noise=1.0), filename="bottle.png"), 422,
                                       "image-blank"),
+    "animated WebP": (dict(image=animated_webp(), filename="bottle.webp"), 422, "animated-image"),
     "unknown NDC": (dict(image=JPEG, ndc="12345-6789-01"), 422, "unknown-ndc"),
     "malformed NDC": (dict(image=JPEG, ndc="not-an-ndc"), 422, "malformed-ndc"),
     "NDC the model does not know": (dict(image=JPEG, ndc=NOT_SERVED), 422, "product-not-in-model"),
