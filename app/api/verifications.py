@@ -196,7 +196,7 @@ def _conclude_and_record(session: Session, conclude: Callable[[], service.Conclu
         session.commit()
     except BaseException:
         session.rollback()  # a failed write (a lost Idempotency-Key race: 422) still holds SQLite's lock
-        service.discard_unrecorded_image(session, concluded)
+        service.discard_unrecorded_image(concluded)
         raise
     return outcome
 

@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import os
+import secrets
 import tempfile
 import uuid
 from collections import OrderedDict
@@ -177,12 +178,16 @@ def cost_matrix_for(session: Session, *, version_id: int, classes: tuple[str, ..
     return matrix
 
 
-def retain_image(settings: Settings, *, data: bytes, sha256: str, image_format: str) -> tuple[Path, bool]:
-    """Store the upload content-addressed under images_dir (temp file + rename, so never half-written);
-    returns the path and whether this call created the file (another row may already hold it)."""
-    target = settings.images_dir / sha256[:2] / f"{sha256}.{_EXTENSIONS.get(image_format, 'bin')}"
-    if target.is_file():
-        return target, False
+def retain_image(settings: Settings, *, data: bytes, sha256: str, image_format: str) -> Path:
+    """Store the upload under images_dir (temp file + rename, so never half-written) as a file of this
+    request's own: `<sha256>-<random>.<ext>`, filed by its hash's first two hex digits.
+
+    Not one file per distinct photo: a request whose audit row fails deletes the file it stored
+    (`discard_unrecorded_image`), and a concurrent request with the same photo (a client's retry after a
+    timeout) may be about to commit a row pointing at a shared file. A photo sent twice is stored twice.
+    """
+    target = (settings.images_dir / sha256[:2]
+              / f"{sha256}-{secrets.token_hex(6)}.{_EXTENSIONS.get(image_format, 'bin')}")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, staging = tempfile.mkstemp(prefix=".upload-", dir=target.parent)
@@ -197,7 +202,7 @@ def retain_image(settings: Settings, *, data: bytes, sha256: str, image_format: 
             raise
     except OSError as error:
         raise _storage_unavailable(error) from error
-    return target, True
+    return target
 
 
 def _storage_unavailable(error: OSError) -> ServiceUnavailable:
@@ -211,22 +216,11 @@ def _storage_unavailable(error: OSError) -> ServiceUnavailable:
                               title="Photo storage unavailable", headers={"Retry-After": "30"})
 
 
-def discard_unrecorded_image(session: Session, concluded: Concluded) -> None:
-    """After the audit row failed to commit: delete the image this request stored, unless a committed row
-    (the same photo, sent again) now refers to it. Best effort: if the database cannot say, keep it."""
-    path = concluded.new_image
-    if path is None:
-        return
-    try:
-        referenced = session.scalar(select(Verification.id).where(
-            Verification.image_sha256 == concluded.row.image_sha256).limit(1)) is not None
-        session.rollback()
-    except Exception:
-        session.rollback()
-        logger.warning("kept %s: could not check whether a verification refers to it", path, exc_info=True)
-        return
-    if not referenced:
-        path.unlink(missing_ok=True)
+def discard_unrecorded_image(concluded: Concluded) -> None:
+    """After the audit row failed to commit: delete the image this request stored (no row refers to it:
+    each request stores its own file, see `retain_image`)."""
+    if concluded.new_image is not None:
+        concluded.new_image.unlink(missing_ok=True)
 
 
 def response_body(row: Verification, *, decision: Decision, model_sha256: str,
@@ -262,7 +256,7 @@ class Concluded:
     body: dict[str, Any]
     decision: Decision
     request_sha256: str  # the row's, typed (the Idempotency-Key check compares it)
-    new_image: Path | None = None  # an image file this request created (retain_images), to undo on failure
+    new_image: Path | None = None  # the image file this request stored (retain_images), to undo on failure
 
 
 def conclude(session: Session, *, settings: Settings, prepared: Prepared, prediction: Prediction, image: bytes,
@@ -280,9 +274,8 @@ def conclude(session: Session, *, settings: Settings, prepared: Prepared, predic
                                                 critical_cost=settings.critical_cost_threshold,
                                                 max_accept_risk=settings.max_accept_risk,
                                                 unfamiliar_photo_rate=settings.unfamiliar_photo_rate, top_k=TOP_K)
-    image_path, created = (retain_image(settings, data=image, sha256=prepared.image_sha256,
-                                        image_format=image_info.format)
-                           if settings.retain_images else (None, False))
+    image_path = (retain_image(settings, data=image, sha256=prepared.image_sha256, image_format=image_info.format)
+                  if settings.retain_images else None)
     row = Verification(
         id=str(uuid.uuid4()), created_at=utcnow(), api_key_id=api_key_id, client_reference=client_reference,
         idempotency_key=idempotency_key, request_sha256=prepared.request_sha256,
@@ -298,7 +291,7 @@ def conclude(session: Session, *, settings: Settings, prepared: Prepared, predic
                          policy_fitted=policy_fitted)
     row.top, row.response = body["top"], body
     return Concluded(row=row, body=body, decision=decision, request_sha256=prepared.request_sha256,
-                     new_image=image_path if created else None)
+                     new_image=image_path)
 
 
 def record(session: Session, concluded: Concluded) -> Outcome:

@@ -379,6 +379,24 @@ def test_a_writer_queued_past_the_busy_timeout_gets_a_503_and_the_service_recove
     assert Path(row.image_path).is_file() and list(settings.images_dir.rglob("*.*")) == [Path(row.image_path)]
 
 
+def test_a_failed_request_never_deletes_the_photo_of_a_concurrent_one(tmp_path: Path) -> None:
+    """Two requests with the same photo (a client's retry after a timeout): the first one's audit write fails
+    while the second is about to commit. The first deletes only the file it stored itself."""
+    from app.config import Settings
+    from app.inference.images import sha256_hex
+    from app.services import verifications as service
+
+    settings = Settings(data_dir=tmp_path / "data")
+    photo = jpeg_photo(seed=4)
+    sha = sha256_hex(photo)
+    first, second = (service.retain_image(settings, data=photo, sha256=sha, image_format="JPEG") for _ in range(2))
+    assert first != second and first.read_bytes() == second.read_bytes() == photo
+    assert first.parent == second.parent == settings.images_dir / sha[:2] and first.name.startswith(sha)
+    failed = service.Concluded(row=None, body={}, decision=None, request_sha256="", new_image=first)  # type: ignore[arg-type]
+    service.discard_unrecorded_image(failed)
+    assert not first.exists() and second.read_bytes() == photo
+
+
 def test_a_queued_writer_goes_on_as_soon_as_the_other_commits(served: ApiEnv) -> None:
     """A second in-process writer waits on the mutex (not in SQLite's busy handler) and proceeds once
     the first transaction ends."""
