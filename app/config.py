@@ -62,6 +62,7 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=16, ge=1)
     max_batch_wait_ms: float = Field(default=5.0, ge=0)
     inference_queue_size: int = Field(default=256, ge=1, description="Bounded queue; full = 503 Retry-After.")
+    max_verifications_in_flight: int = Field(default=64, ge=1, description="Verification requests one API process takes on at once, counted from before the upload is read; one more gets 503 inference-queue-full with Retry-After at once, instead of waiting behind the others with its upload in memory (up to max_upload_bytes each).")
     torch_threads: int | None = Field(default=None, ge=1, description="CPU threads for torch; unset = torch default.")
     inference_workers: int = Field(default=1, ge=1, description="Batches computed at once, each on its own torch thread: 1 for a GPU; on a CPU host with spare cores, more (with torch_threads x inference_workers <= cores).")
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")

@@ -76,6 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         expected_revision=head_revision())  # and the schema must be the one this code was written for
     # The inference engine sets this to a callable that says whether a model is loaded and warm.
     app.state.model_ready = _no_model
+    app.state.verifications_in_flight = 0  # app.services.serving.admitted
     install_problem_handlers(app)
     install_openapi(app)  # errors documented as application/problem+json, as they are sent
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)

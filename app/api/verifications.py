@@ -125,8 +125,9 @@ async def create_verification(
     """Thin route: stream the form, check it, run the model in the engine, decide, write the audit row."""
     started = time.perf_counter()
     try:
-        response, outcome = await _verify(request, actor_key_id=actor.key_id, session=session,
-                                          idempotency_key=idempotency_key, started=started, settings=settings)
+        with serving.admitted(request.app):
+            response, outcome = await _verify(request, actor_key_id=actor.key_id, session=session,
+                                              idempotency_key=idempotency_key, started=started, settings=settings)
     except (DomainError, OperationalError, PoolTimeout) as error:  # the database errors: 503 by the handlers
         REJECTED.labels(reason=error.slug if isinstance(error, DomainError) else DATABASE_UNAVAILABLE).inc()
         VERIFICATION_SECONDS.labels(outcome="rejected").observe(time.perf_counter() - started)

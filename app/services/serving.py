@@ -8,8 +8,9 @@ the service up but not ready, and verifications answer 503 `model-unavailable`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from fastapi import FastAPI
 
 from app.config import Settings
 from app.db import Database
-from app.inference.engine import EngineConfig, InferenceEngine, ModelUnavailable
+from app.inference.engine import EngineConfig, InferenceEngine, ModelUnavailable, QueueFull
 from app.inference.images import ImageLimits, configure_pillow
 from app.inference.served import ModelLoadError, ServedModel
 from app.services.model_registry import active_model_version, checkpoint_path, engine_label
@@ -51,6 +52,24 @@ def limits_of(app: FastAPI) -> ImageLimits:
     """The upload limits of this app's settings."""
     limits: ImageLimits | None = getattr(app.state, "image_limits", None)
     return limits if limits is not None else ImageLimits.from_settings(app.state.settings)
+
+
+@contextlib.contextmanager
+def admitted(app: FastAPI) -> Iterator[None]:
+    """Count one verification in flight for its whole request, or refuse it at once (QueueFull: 503 with
+    Retry-After) when settings.max_verifications_in_flight are already: the engine's queue bound alone is
+    checked only after the upload was read and decoded, so under load requests would pile up before it,
+    each holding its upload, with ever-growing latency and no 503. Runs on the event loop (no lock needed)."""
+    limit = app.state.settings.max_verifications_in_flight
+    in_flight: int = app.state.verifications_in_flight
+    if in_flight >= limit:
+        raise QueueFull(f"{in_flight} verifications are already in progress in this API process "
+                        "(RXVERIFY_MAX_VERIFICATIONS_IN_FLIGHT); try again shortly", retry_after_s=1)
+    app.state.verifications_in_flight = in_flight + 1
+    try:
+        yield
+    finally:
+        app.state.verifications_in_flight -= 1
 
 
 def decode_slots_of(app: FastAPI) -> asyncio.Semaphore:

@@ -27,6 +27,7 @@ from tests.app.model_factory import (
     served_settings,
 )
 from tests.conftest import ApiEnv
+from tests.worker.factories import wait_for
 
 
 @pytest.fixture(scope="session")
@@ -76,6 +77,46 @@ def test_a_full_queue_answers_503_with_retry_after(seeded_sqlite_template: Any, 
     assert refused.json()["type"].endswith("/inference-queue-full") and int(refused.headers["Retry-After"]) >= 1
     assert [a.status_code for a in answers] == [200, 200]
     assert client.get("/readyz").status_code == 200
+
+
+def test_verifications_beyond_the_in_flight_limit_get_503_at_once(
+        seeded_sqlite_template: Any, tmp_path: Path, make_client: Any, checkpoint_root: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With decoding the bottleneck, the engine's queue (checked after the decode) never fills; the in-flight
+    limit, counted from before the upload is read, answers the surplus with a quick 503 instead of a long wait."""
+    from app.services import verifications as service
+
+    template, keys = seeded_sqlite_template
+    settings = served_settings(template, tmp_path / "data", checkpoint=cached_checkpoint(checkpoint_root),
+                               max_verifications_in_flight=2, max_concurrent_decodes=1)
+    client = make_client(settings)
+    real, release = service.preprocess_upload, threading.Event()
+
+    def stuck_decode(*args: Any, **kwargs: Any) -> Any:
+        assert release.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(service, "preprocess_upload", stuck_decode)
+    answers: list[Any] = []
+    held = [threading.Thread(target=lambda: answers.append(
+        post_verification(client, keys[Role.CLIENT], image=jpeg_photo()))) for _ in range(2)]
+    for worker in held:
+        worker.start()
+    try:
+        wait_for(lambda: client.app.state.verifications_in_flight == 2, timeout=10, what="two verifications in flight")
+        started = time.monotonic()
+        refused = post_verification(client, keys[Role.CLIENT], image=jpeg_photo())
+        waited = time.monotonic() - started
+    finally:
+        release.set()
+        for worker in held:
+            worker.join(30)
+    assert waited < 5 and refused.status_code == 503, refused.text
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert refused.json()["type"].endswith("/inference-queue-full") and refused.headers["Retry-After"] == "1"
+    assert "RXVERIFY_MAX_VERIFICATIONS_IN_FLIGHT" in refused.json()["detail"]
+    assert [a.status_code for a in answers] == [200, 200] and client.app.state.verifications_in_flight == 0
+    assert post_verification(client, keys[Role.CLIENT], image=jpeg_photo()).status_code == 200  # room again
 
 
 def test_uploads_are_decoded_at_most_max_concurrent_decodes_at_once(
