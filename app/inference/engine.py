@@ -43,6 +43,7 @@ from app.inference.metrics import InferenceMetrics, default_metrics
 from app.inference.served import (
     ModelLoadError,
     Prediction,
+    Registered,
     ServedModel,
     forward_outputs,
     load_served_model,
@@ -334,15 +335,18 @@ class InferenceEngine:
         return result
 
     # --- loading and swapping -----------------------------------------------------------------------
-    async def load_model(self, checkpoint_dir: str | Path, *, version: str) -> ServedModel:
+    async def load_model(self, checkpoint_dir: str | Path, *, version: str,
+                         registered: Registered | None = None) -> ServedModel:
         """Load, warm up and serve a checkpoint (the first model, or a swap: same path as swap_to)."""
-        return await self.swap_to(checkpoint_dir, version=version)
+        return await self.swap_to(checkpoint_dir, version=version, registered=registered)
 
-    async def swap_to(self, checkpoint_dir: str | Path, *, version: str) -> ServedModel:
+    async def swap_to(self, checkpoint_dir: str | Path, *, version: str,
+                      registered: Registered | None = None) -> ServedModel:
         """Load + warm up off the request path, swap one reference, drain and free the old model.
 
         Raises ModelLoadError (after counting the failure and raising the alert gauge) when the checkpoint
-        fails to load or to warm up; the previous model then keeps serving untouched.
+        fails to load or to warm up, or is not what the registry recorded (`registered`); the previous model
+        then keeps serving untouched.
         """
         await self.start()
         assert self._swap_lock is not None
@@ -351,7 +355,8 @@ class InferenceEngine:
             try:
                 served = await asyncio.to_thread(load_served_model, checkpoint_dir, version=version,
                                                  device=self.device,
-                                                 channels_last=self.config.channels_last_on(self.device))
+                                                 channels_last=self.config.channels_last_on(self.device),
+                                                 registered=registered)
                 await self._warm_up(served)
             except Exception as error:
                 self.metrics.swaps.labels(outcome="failure").inc()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import threading
 from collections.abc import Mapping, Sequence
@@ -190,9 +191,40 @@ def policy_for_costs(policy: VerdictPolicy | None, validation: tuple[np.ndarray,
     return refitted, True
 
 
+@dataclass(frozen=True, slots=True)
+class Registered:
+    """What the registry recorded of a model version when it was registered: the weights' SHA-256, the verdict
+    policy and the temperature. A checkpoint on disk that no longer matches is refused (`load_served_model`)."""
+
+    sha256: str
+    decision: dict[str, Any]
+    temperature: float | None
+
+
+def check_registered(checkpoint_dir: str | Path, *, weights_sha256: str, metadata: CheckpointMetadata,
+                     registered: Registered) -> None:
+    """ModelLoadError unless the loaded checkpoint is the one registered: its weights (a flipped bit, a file
+    replaced) and the parts of its metadata.json that set verdicts (the policy's thresholds, the temperature)
+    must not have changed on disk since, for no audit entry would record such a change."""
+    if weights_sha256 != registered.sha256:
+        raise ModelLoadError(f"{checkpoint_dir}: the weights' SHA-256 is {weights_sha256}, not the registered "
+                             f"{registered.sha256}: the file changed on disk after registration")
+    changed = [name for name, stored, found in (
+        ("decision", _canonical(registered.decision), _canonical(metadata.decision)),
+        ("temperature", registered.temperature, metadata.temperature)) if stored is not None and stored != found]
+    if changed:
+        raise ModelLoadError(f"{checkpoint_dir}: metadata.json's {' and '.join(changed)} differ from what was "
+                             "registered: the file changed on disk after registration")
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
 def load_served_model(checkpoint_dir: str | Path, *, version: str, device: torch.device,
-                      channels_last: bool = True) -> ServedModel:
-    """Load a checkpoint into a bundle (blocking: run it in a thread).
+                      channels_last: bool = True, registered: Registered | None = None) -> ServedModel:
+    """Load a checkpoint into a bundle (blocking: run it in a thread); with `registered`, refuse one that is
+    not what the registry recorded (`check_registered`).
 
     The model is served as `prepare_for_inference` makes it: BatchNorm folded into the convolutions, with
     channels-last weights when `channels_last` (same outputs up to float rounding; see
@@ -200,6 +232,9 @@ def load_served_model(checkpoint_dir: str | Path, *, version: str, device: torch
     """
     loaded = load_checkpoint(checkpoint_dir, device=device)
     metadata = loaded.metadata
+    if registered is not None:
+        check_registered(checkpoint_dir, weights_sha256=loaded.weights_sha256, metadata=metadata,
+                         registered=registered)
     policy = VerdictPolicy.from_dict(metadata.decision) if metadata.decision else None
     if policy is not None and policy.classes != metadata.classes:
         raise ModelLoadError(f"{checkpoint_dir}: the stored verdict policy names other classes than the model")

@@ -83,7 +83,7 @@ class ModelFollower:
             return False
         started = time.perf_counter()
         try:
-            await self.engine.swap_to(ref.path, version=ref.label)
+            await self.engine.swap_to(ref.path, version=ref.label, registered=ref.registered)
         except ModelLoadError:
             # The engine logged it, counted it and raised the alert gauge; the old model keeps serving.
             self._failed = (ref.label, time.monotonic())

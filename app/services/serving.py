@@ -21,7 +21,7 @@ from app.config import Settings
 from app.db import Database
 from app.inference.engine import EngineConfig, InferenceEngine, ModelUnavailable, QueueFull
 from app.inference.images import ImageLimits, configure_pillow
-from app.inference.served import ModelLoadError, ServedModel
+from app.inference.served import ModelLoadError, Registered, ServedModel
 from app.services.model_registry import active_model_version, checkpoint_path, engine_label
 
 logger = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ class ModelRef:
 
     label: str
     path: Path
+    registered: Registered  # what the checkpoint on disk must still be (weights, policy, temperature)
 
 
 def create_engine(settings: Settings) -> InferenceEngine:
@@ -87,7 +88,9 @@ def active_model_ref(database: Database) -> ModelRef | None:
         version = active_model_version(session)
         if version is None:
             return None
-        return ModelRef(label=engine_label(version), path=checkpoint_path(database.settings, version))
+        return ModelRef(label=engine_label(version), path=checkpoint_path(database.settings, version),
+                        registered=Registered(sha256=version.sha256, decision=dict(version.decision or {}),
+                                              temperature=version.temperature))
 
 
 async def load_active_model(engine: InferenceEngine, database: Database) -> ServedModel | None:
@@ -102,7 +105,7 @@ async def load_active_model(engine: InferenceEngine, database: Database) -> Serv
         current = None
     if current is not None and current.version == ref.label:
         return current
-    return await engine.load_model(ref.path, version=ref.label)
+    return await engine.load_model(ref.path, version=ref.label, registered=ref.registered)
 
 
 @asynccontextmanager

@@ -242,6 +242,35 @@ def test_a_checkpoint_that_fails_to_load_leaves_the_service_up_but_not_ready(
     assert response.status_code == 503 and response.json()["type"].endswith("/model-unavailable")
 
 
+@pytest.mark.parametrize("tampered", ["weights", "policy", "temperature"])
+def test_a_checkpoint_changed_on_disk_after_registration_is_not_served(
+        seeded_sqlite_template: Any, tmp_path: Path, make_client: Any, checkpoint_root: Path,
+        caplog: pytest.LogCaptureFixture, tampered: str) -> None:
+    """A flipped bit in the weights, or an edited threshold or temperature in metadata.json, loads fine as a
+    file; served under the registered version id it would give verdicts that no audit entry explains."""
+    import json
+
+    template, keys = seeded_sqlite_template
+    settings = served_settings(template, tmp_path / "data", checkpoint=cached_checkpoint(checkpoint_root))
+    [directory] = [p.parent for p in settings.checkpoints_dir.glob("*/model.safetensors")]
+    if tampered == "weights":
+        weights = bytearray((directory / "model.safetensors").read_bytes())
+        weights[-1] ^= 0x01  # the last byte of the last tensor: still a valid safetensors file
+        (directory / "model.safetensors").write_bytes(bytes(weights))
+    else:
+        metadata = json.loads((directory / "metadata.json").read_text())
+        if tampered == "policy":
+            metadata["decision"]["accept_risk"] = 0.5  # would auto-accept far riskier fills
+        else:
+            metadata["temperature"] = metadata["temperature"] * 3
+        (directory / "metadata.json").write_text(json.dumps(metadata))
+    client = make_client(settings)
+    assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 503
+    response = post_verification(client, keys[Role.CLIENT], image=jpeg_photo())
+    assert response.status_code == 503 and response.json()["type"].endswith("/model-unavailable")
+    assert "changed on disk after registration" in caplog.text
+
+
 def test_an_idempotent_retry_is_replayed_even_without_a_model(seeded_sqlite_template: Any, tmp_path: Path,
                                                               make_client: Any, checkpoint_root: Path) -> None:
     template, keys = seeded_sqlite_template
