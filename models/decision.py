@@ -178,7 +178,7 @@ def _pair_reasons(probs: np.ndarray, costs: np.ndarray, policy: VerdictPolicy) -
     # risk[i, r] = sum_y p_i(y) c(y, r) (the diagonal of c is 0). Not `probs @ costs`: BLAS picks its
     # summation order by batch shape and thread count; einsum's loop is fixed, so this step adds no batch
     # dependence. The probabilities themselves may still differ in their last bits between a photo served
-    # alone and in a batch (the convolutions' kernels also depend on the batch shape: up to 1.6e-7 measured
+    # alone and in a batch (the convolutions' kernels also depend on the batch shape: up to 1.56e-7 measured
     # for ResNet-18), so a fill that close to the accept threshold can get either verdict.
     risk = np.einsum("ny,yr->nr", probs, costs)
     in_set = (1.0 - probs) <= np.asarray(policy.qhat)[None, :]
