@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -22,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
+from models.files import atomic_write
 from models.transforms import EvalPreset, TrainPreset
 
 logger = logging.getLogger(__name__)
@@ -210,11 +209,9 @@ def _file_digests(root: Path, files: list[Path]) -> dict[str, str]:
 def _write_json_atomic(path: Path, payload: Any) -> None:
     """Best-effort atomic JSON write; a read-only dataset directory only costs the cache."""
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh)
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the API and worker may run as other users
-        os.replace(tmp, path)
+        # Readable by all: the API and the worker may run as other users.
+        with atomic_write(path, mode=0o644) as handle:
+            handle.write(json.dumps(payload).encode())
     except OSError as exc:
         logger.warning("could not write cache %s: %s", path, exc)
 

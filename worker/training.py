@@ -15,7 +15,6 @@ import math
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from app.services.model_registry import checkpoint_path
 from models.commands.progress import Eta
 from models.commands.train import TrainOutcome, TrainRequest
 from models.engine import ProgressEvent, TrainConfig, TrainingState
+from models.files import atomic_write
 from worker import leases
 from worker import metrics as worker_metrics
 from worker.leases import Heartbeat, Lease
@@ -184,22 +184,12 @@ def train_request(spec: JobSpec, *, data_root: Path, workdir: Workdir, settings:
 
 
 def save_state(path: Path, state: TrainingState) -> None:
-    """Write the epoch checkpoint atomically (temp file, fsync, rename)."""
+    """Write the epoch checkpoint atomically (`models.files.atomic_write`: its temp name is unique per write,
+    as two attempts of one job can overlap for a moment, one fenced off by a lost lease while still writing)."""
     import torch
 
-    # Unique to this write: two attempts of one job can overlap for a moment (one fenced off by a lost lease
-    # while still writing), and on a shared volume their workers may share a PID (each is PID 1 of its
-    # container). A failed write leaves no temp file behind.
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}")
-    try:
-        with open(tmp, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as handle:
+        torch.save(state, handle)
 
 
 def load_state(path: Path | None) -> TrainingState | None:

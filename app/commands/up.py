@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
-import os
 import shlex
 import socket
 import sys
@@ -22,6 +21,7 @@ from app.config import Settings, get_settings
 from app.db import Database
 from app.log import configure_logging
 from app.orm import Role
+from models.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -119,17 +119,8 @@ def write_keys(path: Path, keys: dict[Role, str]) -> None:
     lines = ["# rxverify demo API keys, made by `rxverify up`. The database keeps only their SHA-256, so this",
              "# file is the only copy. Load them into a shell with:  . " + str(path)]
     lines += [f"{KEY_VARIABLES[role]}={keys[role]}" for role in KEY_VARIABLES]
-    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    descriptor = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write("\n".join(lines) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(staging, path)
-    except BaseException:
-        staging.unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as handle:  # created 0600
+        handle.write(("\n".join(lines) + "\n").encode())
 
 
 def ensure_keys(settings: Settings, database: Database) -> dict[Role, str]:

@@ -18,9 +18,7 @@ import hashlib
 import io
 import json
 import logging
-import os
 import secrets
-import tempfile
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -47,6 +45,7 @@ from app.services.verification_log import FeedbackExample as FeedbackExample  # 
 from app.services.verification_log import feedback_examples as feedback_examples  # for the training jobs
 from models.costs import CostMatrix
 from models.decision import Decision
+from models.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -190,16 +189,8 @@ def retain_image(settings: Settings, *, data: bytes, sha256: str, image_format: 
               / f"{sha256}-{secrets.token_hex(6)}.{_EXTENSIONS.get(image_format, 'bin')}")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, staging = tempfile.mkstemp(prefix=".upload-", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(staging, target)
-        except BaseException:
-            Path(staging).unlink(missing_ok=True)
-            raise
+        with atomic_write(target, prefix=".upload-") as handle:
+            handle.write(data)
     except OSError as error:
         raise _storage_unavailable(error) from error
     return target

@@ -517,13 +517,13 @@ def test_a_full_disk_for_retained_photos_is_a_503_naming_it(served: ApiEnv, monk
     """With RXVERIFY_RETAIN_IMAGES a photo that cannot be written was a 500 internal-error."""
     import errno
 
-    from app.services import verifications as service
+    from models import files
 
     def full(_fd: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     before = len(rows(served.settings))
-    monkeypatch.setattr(service.os, "fsync", full)
+    monkeypatch.setattr(files.os, "fsync", full)
     response = post_verification(served.client, served.keys[Role.CLIENT], image=jpeg_photo(seed=7))
     assert response.status_code == 503 and response.headers["Retry-After"] == "30"
     assert response.json()["type"].endswith("/image-storage-unavailable") and "disk is full" in response.json()["detail"]

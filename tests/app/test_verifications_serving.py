@@ -30,6 +30,14 @@ from tests.conftest import ApiEnv
 from tests.worker.factories import wait_for
 
 
+def posters(client: Any, key: str, count: int) -> tuple[list[threading.Thread], list[Any]]:
+    """`count` threads (not started) that each post a verification; their responses go to the list."""
+    answers: list[Any] = []
+    threads = [threading.Thread(target=lambda: answers.append(post_verification(client, key, image=jpeg_photo())))
+               for _ in range(count)]
+    return threads, answers
+
+
 @pytest.fixture(scope="session")
 def checkpoint_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("serving-checkpoints")
@@ -57,9 +65,7 @@ def test_a_full_queue_answers_503_with_retry_after(seeded_sqlite_template: Any, 
         gate.wait(10)
 
     handle = engine.current.model.register_forward_pre_hook(hold)
-    answers: list[Any] = []
-    workers = [threading.Thread(target=lambda: answers.append(
-        post_verification(client, keys[Role.CLIENT], image=jpeg_photo()))) for _ in range(2)]
+    workers, answers = posters(client, keys[Role.CLIENT], 2)
     try:
         workers[0].start()
         assert entered.wait(10)  # request 1 is in the forward pass
@@ -97,9 +103,7 @@ def test_verifications_beyond_the_in_flight_limit_get_503_at_once(
         return real(*args, **kwargs)
 
     monkeypatch.setattr(service, "preprocess_upload", stuck_decode)
-    answers: list[Any] = []
-    held = [threading.Thread(target=lambda: answers.append(
-        post_verification(client, keys[Role.CLIENT], image=jpeg_photo()))) for _ in range(2)]
+    held, answers = posters(client, keys[Role.CLIENT], 2)
     for worker in held:
         worker.start()
     try:
@@ -143,9 +147,7 @@ def test_uploads_are_decoded_at_most_max_concurrent_decodes_at_once(
                 state["now"] -= 1
 
     monkeypatch.setattr(service, "preprocess_upload", slow_preprocess)
-    answers: list[Any] = []
-    workers = [threading.Thread(target=lambda: answers.append(
-        post_verification(client, keys[Role.CLIENT], image=jpeg_photo()))) for _ in range(4)]
+    workers, answers = posters(client, keys[Role.CLIENT], 4)
     for worker in workers:
         worker.start()
     for worker in workers:
