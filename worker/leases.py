@@ -209,10 +209,6 @@ class Heartbeat:
         self._stop.set()
         self._thread.join(timeout=10)
 
-    def disarm(self) -> None:
-        """No hard limit from now on."""
-        self.hard_deadline = None
-
     def rearm(self, phase: str, *, limit_s: float) -> None:
         """A new hard limit of `limit_s` from now, for the attempt's next `phase` (named in the failure)."""
         self.phase, self.hard_limit_s = phase, limit_s
@@ -266,8 +262,10 @@ class Heartbeat:
             except Exception:  # the kill must happen anyway: the lease then expires and the reaper requeues
                 logger.exception("training job %s: could not record the hard time limit", self.lease.job_id)
         self.lost.set()
-        if self._stop.is_set() or self.hard_deadline is None:
-            logger.warning("training job %s: the attempt ended meanwhile; not killed", self.lease.job_id)
+        deadline = self.hard_deadline
+        if self._stop.is_set() or (deadline is not None and time.monotonic() < deadline):
+            logger.warning("training job %s: the attempt ended or moved on to its next phase meanwhile; not killed",
+                           self.lease.job_id)
             return
         (self.on_hard_limit or kill_this_process)()
 

@@ -145,7 +145,7 @@ def test_a_stuck_attempt_hits_the_heartbeats_hard_limit(tmp_path: Path, assets_r
     assert task.apply(args=[job_id]).get()["skipped"]
 
 
-def test_the_hard_limit_survives_a_lost_lease_and_spares_a_disarmed_or_finished_attempt(
+def test_the_hard_limit_survives_a_lost_lease_and_spares_a_rearmed_or_finished_attempt(
         tmp_path: Path, assets_root: Path) -> None:
     import threading
     import time
@@ -173,10 +173,11 @@ def test_the_hard_limit_survives_a_lost_lease_and_spares_a_disarmed_or_finished_
             assert beat.lost.wait(5) and killed.wait(5)
         row = job_row(settings, beat.lease.job_id)
         assert row["status"] == "running" and row["lease_owner"] == "someone-else" and row["error"] is None
-        # Training returned (disarmed) or the attempt ended: no kill, and the job is not marked failed.
+        # Training returned (the next phase has a limit of its own) or the attempt ended: no kill, and the
+        # job is not marked failed.
         beat, killed = attempt(2)
         with beat:
-            beat.disarm()
+            beat.rearm("scoring and registration", limit_s=60.0)
             assert not killed.wait(1.5) and not beat.lost.is_set()
         assert job_row(settings, beat.lease.job_id)["status"] == "running"
         beat, killed = attempt(3)
