@@ -130,13 +130,16 @@ def test_draft_decoding_gives_same_output_shape_and_close_values() -> None:
     assert (a - b).abs().mean() < 0.05
 
 
-def test_decode_of_png_is_plain_rgb() -> None:
-    preset = EvalPreset(image_size=8, mean=MEAN, std=STD)
+def test_decode_of_png_is_rgb_shrunk_by_an_integer_factor() -> None:
+    """PNG has no draft: it is shrunk after decoding by the largest integer factor that keeps the shorter
+    side at or above the preset's need (8 here: 1/2), and never below it."""
     buffer = io.BytesIO()
     _photo(30, 20).convert("L").save(buffer, format="PNG")
     buffer.seek(0)
-    image = preset.decode(buffer)
-    assert image.mode == "RGB" and image.size == (30, 20)
+    image = EvalPreset(image_size=8, mean=MEAN, std=STD).decode(buffer)
+    assert image.mode == "RGB" and image.size == (15, 10)
+    buffer.seek(0)
+    assert EvalPreset(image_size=20, mean=MEAN, std=STD).decode(buffer).size == (30, 20)  # no room to shrink
 
 
 def test_decode_applies_exif_orientation() -> None:
