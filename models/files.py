@@ -14,14 +14,19 @@ from pathlib import Path
 from typing import IO
 
 
+def temp_prefix(path: Path) -> str:
+    """The name prefix of `atomic_write`'s temp files for `path` (a writer killed mid-write leaves one)."""
+    return f".{path.name}.tmp-"
+
+
 @contextlib.contextmanager
 def atomic_write(path: Path, *, prefix: str | None = None, mode: int | None = None) -> Iterator[IO[bytes]]:
     """A binary handle whose content replaces `path` when the block ends without an exception.
 
-    The temp file is `<prefix><random>` in `path`'s folder (default prefix `.<name>.tmp-`), created
+    The temp file is `<prefix><random>` in `path`'s folder (default prefix `temp_prefix(path)`), created
     owner-only (0600); `mode` sets other permissions before the rename.
     """
-    descriptor, staging = tempfile.mkstemp(prefix=prefix if prefix is not None else f".{path.name}.tmp-",
+    descriptor, staging = tempfile.mkstemp(prefix=prefix if prefix is not None else temp_prefix(path),
                                            dir=path.parent)
     try:
         with os.fdopen(descriptor, "wb") as handle:

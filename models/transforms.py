@@ -48,6 +48,9 @@ class _PresetMetadata(Protocol):
 
 # 16-bit (and 32-bit integer) greyscale: Pillow's convert() clips these at 255 instead of scaling them.
 _WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+# Modes `reduce_to` converts before shrinking: palettes and 1-bit (averaged indices mean nothing), and the
+# wide greyscale modes, scaled to 8 bits first (to_rgb) as they would be afterwards.
+_NOT_REDUCIBLE = ("1", "P", "PA", *_WIDE_GREY)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -74,7 +77,7 @@ def reduce_to(image: Image.Image, request: tuple[int, int]) -> Image.Image:
     factor = min(image.width // max(1, request[0]), image.height // max(1, request[1]))
     if factor < 2:
         return image
-    if image.mode in ("1", "P", "PA") or image.mode in _WIDE_GREY:
+    if image.mode in _NOT_REDUCIBLE:
         image = to_rgb(image)
     return image.reduce(factor)
 

@@ -32,7 +32,7 @@ from app.services.model_registry import checkpoint_path
 from models.commands.progress import Eta
 from models.commands.train import TrainOutcome, TrainRequest
 from models.engine import ProgressEvent, TrainConfig, TrainingState
-from models.files import atomic_write
+from models.files import atomic_write, temp_prefix
 from worker import leases
 from worker import metrics as worker_metrics
 from worker.leases import Heartbeat, Lease
@@ -107,7 +107,7 @@ class Workdir:
     def disposable(self) -> tuple[Path, ...]:
         """What is dead weight once the job has ended (none is resumed after that); costs.csv stays. That
         includes the temp files of epoch checkpoints whose writer was killed mid-write (`save_state`)."""
-        return (self.state, *sorted(self.root.glob(f".{self.state.name}.tmp-*")), self.out, self.final, self.data)
+        return (self.state, *sorted(self.root.glob(temp_prefix(self.state) + "*")), self.out, self.final, self.data)
 
 
 def _feedback(session: Any, *, through_id: int, classes: tuple[str, ...]) -> tuple[FeedbackImage, ...]:
