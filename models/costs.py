@@ -8,7 +8,7 @@ import io
 import itertools
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,71 +124,16 @@ class CostMatrix:
     def read_csv(cls, source: str | Path | io.TextIOBase | Iterable[str], classes: Sequence[str], *,
                  default: float = DEFAULT_OFF_DIAGONAL_COST, max_cost: float = math.inf,
                  resolve: Callable[[str], str] | None = None) -> CostMatrix:
-        """Read the long form `true,predicted,cost` (or `true_ndc,predicted_ndc,cost`).
-
-        `resolve` maps each name as written to its class (e.g. any NDC form to its product key); a
-        ValueError it raises is reported as that row's unknown class. By default names must be classes.
-        """
-        if isinstance(source, str | Path):
-            with open(source, newline="", encoding="utf-8-sig") as handle:  # Excel's CSVs start with a BOM
-                return cls.read_csv(handle, classes, default=default, max_cost=max_cost, resolve=resolve)
-        lines = iter(source)
-        first = next(lines, None)
-        # A byte-order mark (Excel and PowerShell write one) must go before the csv module reads the header:
-        # left in, it hides a quoted first field's quotes (`\ufeff"true"` reads as `"true"` with the quotes).
-        rows = lines if first is None else itertools.chain([first.lstrip("\ufeff")], lines)
-        reader = csv.DictReader(rows, restkey=_EXTRA_FIELDS)
-        try:
-            return cls._read_rows(reader, classes, default=default, max_cost=max_cost, resolve=resolve)
-        except csv.Error as exc:  # e.g. a field over the csv module's size limit, or a NUL byte
-            # line_num counts the lines of the records read whole; the bad one starts after them.
-            raise CostMatrixError(f"not readable as CSV: {exc}", row=reader.line_num + 1) from None
-
-    @classmethod
-    def _read_rows(cls, reader: csv.DictReader[str], classes: Sequence[str], *, default: float,
-                   max_cost: float, resolve: Callable[[str], str] | None) -> CostMatrix:
-        fields = [name.strip() for name in (reader.fieldnames or [])]
-        true_col = next((c for c in _TRUE_COLUMNS if c in fields), None)
-        pred_col = next((c for c in _PREDICTED_COLUMNS if c in fields), None)
-        if true_col is None or pred_col is None or "cost" not in fields:
-            raise CostMatrixError(f"CSV header must be 'true,predicted,cost' (got {','.join(fields)!r})", row=1)
-        index = {name: i for i, name in enumerate(classes)}
-        k = len(classes)
-        matrix = np.full((k, k), float(default))
-        np.fill_diagonal(matrix, 0.0)
-        seen: set[tuple[str, str]] = set()
-        for row_number, raw in enumerate(reader, start=2):
-            if _EXTRA_FIELDS in raw:
-                raise CostMatrixError(f"{len(fields) + len(raw[_EXTRA_FIELDS])} fields where the header has "
-                                      f"{len(fields)}", row=row_number)
-            row = {(key or "").strip(): (value or "").strip() for key, value in raw.items()}
-            true, predicted = row.get(true_col, ""), row.get(pred_col, "")
-            if resolve is not None:
-                true, predicted = (_resolved(name, resolve, true=true, predicted=predicted, row=row_number)
-                                   for name in (true, predicted))
-            for name in (true, predicted):
-                if name not in index:
-                    raise CostMatrixError(f"unknown class {name[:40]!r}", true=true[:40], predicted=predicted[:40],
-                                          row=row_number)
-            if (true, predicted) in seen:
-                raise CostMatrixError("pair listed twice", true=true, predicted=predicted, row=row_number)
-            seen.add((true, predicted))
-            matrix[index[true], index[predicted]] = check_cost(true, predicted, row.get("cost", ""),
-                                                               max_cost=max_cost, row=row_number)
-        return cls(tuple(classes), matrix)
+        """Read the long form `true,predicted,cost` (or `true_ndc,predicted_ndc,cost`); see `read_cost_pairs`."""
+        pairs = read_cost_pairs(source, classes, max_cost=max_cost, resolve=resolve)
+        return cls.from_pairs(classes, pairs, default=default, max_cost=max_cost)
 
     # --- export -------------------------------------------------------------------------------
     def to_csv(self, *, header: tuple[str, str, str] = ("true", "predicted", "cost"),
                only_non_default: bool = True, default: float = DEFAULT_OFF_DIAGONAL_COST) -> str:
         """Write the long form; by default only the pairs whose cost differs from the default."""
-        out = io.StringIO()
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(header)
-        for true, predicted, cost in self.entries():
-            if only_non_default and cost == default:
-                continue
-            writer.writerow([true, predicted, _format_cost(cost)])
-        return out.getvalue()
+        return write_cost_rows(((t, p, c) for t, p, c in self.entries() if not only_non_default or c != default),
+                               header=header)
 
     def entries(self) -> list[tuple[str, str, float]]:
         """Every off-diagonal (true, predicted, cost) triple, row-major."""
@@ -263,3 +208,68 @@ def _resolved(name: str, resolve: Callable[[str], str], *, true: str, predicted:
     except ValueError as exc:
         raise CostMatrixError(f"unknown class {name[:40]!r}: {exc}", true=true[:40], predicted=predicted[:40],
                               row=row) from None
+
+
+def read_cost_pairs(source: str | Path | io.TextIOBase | Iterable[str], classes: Collection[str], *,
+                    max_cost: float = math.inf, resolve: Callable[[str], str] | None = None,
+                    ) -> dict[tuple[str, str], float]:
+    """The listed cells of a long-form CSV `true,predicted,cost` (or `true_ndc,predicted_ndc,cost`), checked.
+
+    Memory and time grow with the rows, not with len(classes) squared, so a service with a large catalog
+    can import a short file. `resolve` maps each name as written to its class (e.g. any NDC form to its
+    product key); a ValueError it raises is reported as that row's unknown class. By default names must
+    be classes. A pair listed twice, an unknown class, or a bad cost raises CostMatrixError with the row.
+    """
+    if isinstance(source, str | Path):
+        with open(source, newline="", encoding="utf-8-sig") as handle:  # Excel's CSVs start with a BOM
+            return read_cost_pairs(handle, classes, max_cost=max_cost, resolve=resolve)
+    lines = iter(source)
+    first = next(lines, None)
+    # A byte-order mark (Excel and PowerShell write one) must go before the csv module reads the header:
+    # left in, it hides a quoted first field's quotes (`\ufeff"true"` reads as `"true"` with the quotes).
+    rows = lines if first is None else itertools.chain([first.lstrip("\ufeff")], lines)
+    reader = csv.DictReader(rows, restkey=_EXTRA_FIELDS)
+    try:
+        return _read_rows(reader, classes if isinstance(classes, set | frozenset) else set(classes),
+                          max_cost=max_cost, resolve=resolve)
+    except csv.Error as exc:  # e.g. a field over the csv module's size limit, or a NUL byte
+        # line_num counts the lines of the records read whole; the bad one starts after them.
+        raise CostMatrixError(f"not readable as CSV: {exc}", row=reader.line_num + 1) from None
+
+
+def _read_rows(reader: csv.DictReader[str], known: Collection[str], *, max_cost: float,
+               resolve: Callable[[str], str] | None) -> dict[tuple[str, str], float]:
+    fields = [name.strip() for name in (reader.fieldnames or [])]
+    true_col = next((c for c in _TRUE_COLUMNS if c in fields), None)
+    pred_col = next((c for c in _PREDICTED_COLUMNS if c in fields), None)
+    if true_col is None or pred_col is None or "cost" not in fields:
+        raise CostMatrixError(f"CSV header must be 'true,predicted,cost' (got {','.join(fields)!r})", row=1)
+    pairs: dict[tuple[str, str], float] = {}
+    for row_number, raw in enumerate(reader, start=2):
+        if _EXTRA_FIELDS in raw:
+            raise CostMatrixError(f"{len(fields) + len(raw[_EXTRA_FIELDS])} fields where the header has "
+                                  f"{len(fields)}", row=row_number)
+        row = {(key or "").strip(): (value or "").strip() for key, value in raw.items()}
+        true, predicted = row.get(true_col, ""), row.get(pred_col, "")
+        if resolve is not None:
+            true, predicted = (_resolved(name, resolve, true=true, predicted=predicted, row=row_number)
+                               for name in (true, predicted))
+        for name in (true, predicted):
+            if name not in known:
+                raise CostMatrixError(f"unknown class {name[:40]!r}", true=true[:40], predicted=predicted[:40],
+                                      row=row_number)
+        if (true, predicted) in pairs:
+            raise CostMatrixError("pair listed twice", true=true, predicted=predicted, row=row_number)
+        pairs[(true, predicted)] = check_cost(true, predicted, row.get("cost", ""), max_cost=max_cost, row=row_number)
+    return pairs
+
+
+def write_cost_rows(rows: Iterable[tuple[str, str, float]], *,
+                    header: tuple[str, str, str] = ("true", "predicted", "cost")) -> str:
+    """The long form of the given (true, predicted, cost) cells, in the given order."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(header)
+    for true, predicted, cost in rows:
+        writer.writerow([true, predicted, _format_cost(cost)])
+    return out.getvalue()

@@ -16,10 +16,12 @@ from app.schemas.cost_matrices import (
     ActivateRequest,
     CostDifferenceRead,
     CostEntry,
+    CostMatrixActivated,
     CostMatrixCreate,
     CostMatrixDiff,
     CostMatrixRead,
     CostMatrixSummary,
+    RestoreRequest,
 )
 from app.services import cost_matrices as service
 
@@ -59,6 +61,11 @@ def _read(session: Session, version: CostMatrixVersion) -> CostMatrixRead:
     entries = [CostEntry(true_ndc=e.true_ndc, predicted_ndc=e.predicted_ndc, cost=e.cost) for e in version.entries]
     summary = _summary(version, service.active_version_id(session), entry_count=len(entries))
     return CostMatrixRead(**summary.model_dump(), entries=entries)
+
+
+def _difference(d: service.CostDifference) -> CostDifferenceRead:
+    return CostDifferenceRead(true_ndc=d.true_ndc, predicted_ndc=d.predicted_ndc, from_cost=d.from_cost,
+                              to_cost=d.to_cost)
 
 
 @router.get("", response_model=list[CostMatrixSummary], responses=NEXT_LINK_RESPONSE)
@@ -104,8 +111,11 @@ def import_csv(actor: PharmacistActor, session: SessionDep, settings: SettingsDe
                reason: Annotated[str, Query(min_length=1, max_length=2000, pattern=NO_CONTROL_PATTERN)],
                parent_version: IdQuery = None) -> CostMatrixRead:
     """Create a version holding exactly the CSV's costs (unlisted pairs cost 1); same parent rule as POST."""
-    version = service.import_csv(session, parent_version=parent_version, reason=reason, text=text, actor=actor,
-                                 max_cost=settings.max_cost)
+    if not reason.strip():  # as the JSON bodies do (their strings are stripped): an audit reason says something
+        raise InvalidInput("reason is blank", slug="validation-error", title="Request validation failed",
+                           errors=[FieldError("query.reason", "must hold more than white space", "blank")])
+    version = service.import_csv(session, parent_version=parent_version, reason=reason.strip(), text=text,
+                                 actor=actor, max_cost=settings.max_cost)
     response.headers["Location"] = f"{router.prefix}/{version.id}"
     return _read(session, version)
 
@@ -116,8 +126,7 @@ def diff(_actor: PharmacistActor, session: SessionDep, from_version: Annotated[s
     """Pairs whose cost differs from version `from` to version `to` (either may be `active`)."""
     old = service.get_version(session, parse_ref(from_version, field="query.from"))
     new = service.get_version(session, parse_ref(to_version, field="query.to"))
-    changes = [CostDifferenceRead(true_ndc=d.true_ndc, predicted_ndc=d.predicted_ndc, from_cost=d.from_cost,
-                                  to_cost=d.to_cost) for d in service.diff_versions(session, old.id, new.id)]
+    changes = [_difference(d) for d in service.diff_versions(session, old.id, new.id)]
     return CostMatrixDiff(from_version=old.id, to_version=new.id, changes=changes)
 
 
@@ -136,10 +145,30 @@ def export_csv(version: VersionPath, _actor: PharmacistActor, session: SessionDe
                     headers={"Content-Disposition": f'attachment; filename="cost-matrix-v{found.id}.csv"'})
 
 
-@router.post("/{version}/activate", response_model=CostMatrixRead, responses=problem_responses(409))
+@router.post("/{version}/activate", response_model=CostMatrixActivated, responses=problem_responses(409))
 def activate(version: VersionPath, actor: PharmacistActor, session: SessionDep,
-             body: ActivateRequest | None = None) -> CostMatrixRead:
-    """Make this version the one verifications and new training jobs use."""
-    found = service.activate_version(session, ref=parse_ref(version), actor=actor,
-                                     reason=body.reason if body else None)
-    return _read(session, found)
+             body: ActivateRequest | None = None) -> CostMatrixActivated:
+    """Make this version the one verifications and new training jobs use (an older one: a rollback).
+
+    The answer lists every pair whose cost changed against the version replaced (also in the audit log).
+    Send `expected_active` to refuse (409) if someone else activated another version since you looked.
+    """
+    done = service.activate_version(session, ref=parse_ref(version), actor=actor,
+                                    reason=body.reason if body else None,
+                                    expected_active=body.expected_active if body else None)
+    return CostMatrixActivated(**_read(session, done.version).model_dump(), previous_active=done.previous,
+                               changes=[_difference(d) for d in done.changes])
+
+
+@router.post("/{version}/restore", response_model=CostMatrixRead, status_code=201, responses=problem_responses(409))
+def restore(version: VersionPath, body: RestoreRequest, actor: PharmacistActor, session: SessionDep,
+            response: Response) -> CostMatrixRead:
+    """Create a new newest version holding exactly this version's costs (not activated).
+
+    After a rollback by activating an older version, edits still build on the newest version; restore the
+    older one first so that they build on its costs.
+    """
+    created = service.restore_version(session, ref=parse_ref(version), parent_version=body.parent_version,
+                                      reason=body.reason, actor=actor)
+    response.headers["Location"] = f"{router.prefix}/{created.id}"
+    return _read(session, created)

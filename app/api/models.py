@@ -102,7 +102,7 @@ def list_promotions(_actor: PharmacistActor, session: SessionDep, request: Reque
 def rollback(body: RollbackRequest, actor: AdminActor, session: SessionDep, settings: SettingsDep,
              request: Request, background: BackgroundTasks) -> ActiveModel:
     """Return to the version that was active before the latest promotion still in force (no gate)."""
-    entry = promotion.rollback(session, settings, actor=actor, reason=body.reason)
+    entry = promotion.rollback(session, settings, actor=actor, reason=body.reason, expected_active=body.expected_active)
     background.add_task(_announce, request, settings, entry.to_model_version_id, "rollback")
     return ActiveModel(active_model_version=entry.to_model_version_id, promotion=promotion_read(entry))
 
@@ -153,6 +153,7 @@ def promote(model_version_id: IdPath, body: PromoteRequest, actor: AdminActor, s
     # transaction that locks the active state.
     ahead = promotion.evaluate_ahead_of_promote(request.app.state.db, settings, model_version_id=model_version_id)
     entry = promotion.promote(session, settings, model_version_id=model_version_id, actor=actor,
-                              reason=body.reason, force=body.force, ahead=ahead)
+                              reason=body.reason, force=body.force, ahead=ahead,
+                              expected_active=body.expected_active)
     background.add_task(_announce, request, settings, entry.to_model_version_id, "promote")
     return ActiveModel(active_model_version=entry.to_model_version_id, promotion=promotion_read(entry))

@@ -28,9 +28,21 @@ class CostMatrixCreate(RequestModel):
 
 
 class ActivateRequest(RequestModel):
-    """Optional reason recorded in the audit log."""
+    """Optional reason recorded in the audit log, and the version the caller saw active."""
 
     reason: str | None = Field(default=None, max_length=2000)
+    expected_active: int | None = Field(
+        default=None, ge=1, le=MAX_ID, strict=True,
+        description="The version you saw active when you decided; 409 `active-changed` if another is active now "
+                    "(someone else activated one since). Left out: no check.")
+
+
+class RestoreRequest(RequestModel):
+    """Make an older version's costs the newest version (not activated)."""
+
+    parent_version: int = Field(ge=1, le=MAX_ID, strict=True,
+                                description="The newest version, which the restored copy follows (409 if stale).")
+    reason: str = Field(min_length=1, max_length=2000)
 
 
 class CostEntry(BaseModel):
@@ -68,6 +80,13 @@ class CostDifferenceRead(BaseModel):
     predicted_ndc: str
     from_cost: float
     to_cost: float
+
+
+class CostMatrixActivated(CostMatrixRead):
+    """The version now active, the one it replaced, and every pair whose effective cost changed."""
+
+    previous_active: int | None
+    changes: list[CostDifferenceRead]
 
 
 class CostMatrixDiff(BaseModel):

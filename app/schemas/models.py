@@ -7,7 +7,12 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from app.schemas.common import RequestModel
+from app.schemas.common import MAX_ID, RequestModel
+
+ExpectedActive = Field(default=None, ge=1, le=MAX_ID, strict=True,
+                       description="The model version you saw active when you decided; 409 `active-changed` if "
+                                   "another is active now (someone else promoted or rolled back since). Left out: "
+                                   "no check.")
 
 
 class PromoteRequest(RequestModel):
@@ -15,12 +20,14 @@ class PromoteRequest(RequestModel):
 
     reason: str | None = Field(default=None, max_length=2000)
     force: bool = Field(default=False, strict=True)
+    expected_active: int | None = ExpectedActive
 
 
 class RollbackRequest(RequestModel):
     """Return to the previously active model version."""
 
     reason: str | None = Field(default=None, max_length=2000)
+    expected_active: int | None = ExpectedActive
 
 
 class Lineage(BaseModel):

@@ -38,8 +38,25 @@ def move_active(session: Session, pointer: Pointer, *, previous: int | None, new
     if result.rowcount != 1:
         what = _WHAT[pointer]
         also = "".join(f", or the active {_WHAT[other]} is no longer {value}" for other, value in (unchanged or {}).items())
-        raise Conflict(f"the active {what} changed while this request was handled (it was {previous}{also}); "
-                       "read the new state and retry", slug="active-changed",
-                       title=f"The active {what} changed concurrently",
+        raise _changed(pointer, f"the active {what} changed while this request was handled (it was {previous}{also}); "
+                       "read the new state and retry",
                        extra={"expected_active": previous,
                               **{f"expected_{other}": value for other, value in (unchanged or {}).items()}})
+
+
+def require_active(pointer: Pointer, *, expected: int | None, actual: int | None) -> None:
+    """409 `active-changed` unless the client's `expected_active` (None: not given) is what is active now.
+
+    The client's precondition, as `If-Match` would be: an activation or rollback decided on what the
+    client last saw must not replace a version that someone else made active since.
+    """
+    if expected is not None and expected != actual:
+        what = _WHAT[pointer]
+        raise _changed(pointer, f"the active {what} is {actual}, not {expected} as this request expected (another "
+                       "request changed it); nothing was changed: read the new state and decide again",
+                       extra={"expected_active": expected, "active": actual})
+
+
+def _changed(pointer: Pointer, detail: str, *, extra: dict[str, int | None]) -> Conflict:
+    return Conflict(detail, slug="active-changed", title=f"The active {_WHAT[pointer]} changed concurrently",
+                    extra=extra)

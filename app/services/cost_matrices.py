@@ -1,5 +1,8 @@
 """Cost-matrix versions: immutable, linear history, one active version; every change is audited.
 
+A rollback activates an older version; `restore_version` copies an older version's costs into a new
+newest version, so that edits (which build on the newest version) continue from them.
+
 A version stores only the pairs whose cost differs from its default (1); unlisted off-diagonal pairs
 cost the default and the diagonal is 0. Each version may have at most one successor (a unique index on
 `parent_id`), so of two edits made from the same parent exactly one can commit; the other is stale.
@@ -20,10 +23,17 @@ from sqlalchemy.orm import Session, aliased
 from app.errors import Conflict, FieldError, InvalidInput, NotFound
 from app.ndc import NdcError, resolve_ndc
 from app.orm import ACTIVE_STATE_ID, ActiveState, CostMatrixEntry, CostMatrixVersion
-from app.services.active_state import move_active
+from app.services.active_state import move_active, require_active
 from app.services.audit import Actor, record_change
 from app.services.products import catalog_keys, ndc_field_error
-from models.costs import DEFAULT_OFF_DIAGONAL_COST, CostMatrix, CostMatrixError, check_cost
+from models.costs import (
+    DEFAULT_OFF_DIAGONAL_COST,
+    CostMatrix,
+    CostMatrixError,
+    check_cost,
+    read_cost_pairs,
+    write_cost_rows,
+)
 
 VersionRef = int | Literal["active"]
 Pair = tuple[str, str]
@@ -154,56 +164,102 @@ def import_csv(session: Session, *, parent_version: int | None, reason: str, tex
                max_cost: float) -> CostMatrixVersion:
     """A new version holding exactly the CSV's costs (header `true_ndc,predicted_ndc,cost`; unlisted = 1).
 
-    NDCs may be written in any form the JSON edits accept (`resolve_ndc` against the catalog)."""
+    NDCs may be written in any form the JSON edits accept (`resolve_ndc` against the catalog). Only the
+    listed cells are held in memory, never the catalog squared."""
     catalog = catalog_keys(session)
-    classes = sorted(catalog)
     try:
-        matrix = CostMatrix.read_csv(io.StringIO(text), classes, max_cost=max_cost,
-                                     resolve=lambda ndc: resolve_ndc(ndc, catalog).product_key)
+        pairs = read_cost_pairs(io.StringIO(text), catalog, max_cost=max_cost,
+                                resolve=lambda ndc: resolve_ndc(ndc, catalog).product_key)
     except CostMatrixError as exc:
         field = f"row {exc.row}" if exc.row is not None else "csv"
         pair = f" ({exc.true} -> {exc.predicted})" if exc.true is not None else ""
         error = FieldError(field=field, message=f"{exc}{pair}", code="invalid_csv")
         raise InvalidInput(f"{field}: {exc}{pair}", slug="invalid-cost-matrix", errors=[error]) from exc
     parent = _current_parent(session, parent_version)
-    costs = {(t, p): c for t, p, c in matrix.entries() if c != DEFAULT_OFF_DIAGONAL_COST}
+    costs = {(t, p): c for (t, p), c in pairs.items() if t != p and c != DEFAULT_OFF_DIAGONAL_COST}
     return _insert_version(session, parent=parent, costs=costs, default=DEFAULT_OFF_DIAGONAL_COST, reason=reason,
                            actor=actor, action="cost_matrix.import_csv")
 
 
+def restore_version(session: Session, *, ref: VersionRef, parent_version: int | None, reason: str,
+                    actor: Actor) -> CostMatrixVersion:
+    """A new newest version holding exactly version `ref`'s costs (its child is `parent_version`, the newest).
+
+    How to go back to an older matrix for good: activating an old version rolls verdicts back at once,
+    but edits build on the newest version, so after such a rollback the next edit would carry the
+    rolled-back costs forward. Restoring the old version as the newest one first makes later edits start
+    from its costs. Not activated, like any new version."""
+    source = get_version(session, ref)
+    parent = _current_parent(session, parent_version)
+    return _insert_version(session, parent=parent, costs=version_costs(source), default=source.default_cost,
+                           reason=reason, actor=actor, action="cost_matrix.restore",
+                           details={"restored_from": source.id})
+
+
 def export_csv(session: Session, ref: VersionRef) -> str:
-    """The version's non-default pairs as CSV with the header `true_ndc,predicted_ndc,cost`."""
+    """The version's non-default pairs as CSV with the header `true_ndc,predicted_ndc,cost`, sorted by pair."""
     version = get_version(session, ref)
-    costs = version_costs(version)
-    classes = sorted(catalog_keys(session) | {ndc for pair in costs for ndc in pair})
-    matrix = CostMatrix.from_pairs(classes, costs, default=version.default_cost)
-    return matrix.to_csv(header=CSV_HEADER, default=version.default_cost)
+    return write_cost_rows(((t, p, c) for (t, p), c in sorted(version_costs(version).items())), header=CSV_HEADER)
 
 
 def diff_versions(session: Session, from_ref: VersionRef, to_ref: VersionRef) -> list[CostDifference]:
     """Every pair whose effective cost differs from one version to the other."""
-    old, new = get_version(session, from_ref), get_version(session, to_ref)
-    old_costs, new_costs = version_costs(old), version_costs(new)
+    return _differences(get_version(session, from_ref), get_version(session, to_ref))
+
+
+def _differences(old: CostMatrixVersion, new: CostMatrixVersion) -> list[CostDifference]:
+    return _cost_differences(version_costs(old), old.default_cost, version_costs(new), new.default_cost)
+
+
+def _cost_differences(old: dict[Pair, float], old_default: float, new: dict[Pair, float],
+                      new_default: float) -> list[CostDifference]:
+    """The pairs listed in either whose effective cost differs (an unlisted pair costs its matrix's default)."""
     differences = []
-    for pair in sorted(set(old_costs) | set(new_costs)):
-        before, after = old_costs.get(pair, old.default_cost), new_costs.get(pair, new.default_cost)
+    for pair in sorted(set(old) | set(new)):
+        before, after = old.get(pair, old_default), new.get(pair, new_default)
         if before != after:
             differences.append(CostDifference(pair[0], pair[1], before, after))
     return differences
 
 
-def activate_version(session: Session, *, ref: VersionRef, actor: Actor, reason: str | None = None) -> CostMatrixVersion:
-    """Make a version the active one (any version, so a rollback is an activation too)."""
+@dataclass(frozen=True, slots=True)
+class Activation:
+    """What an activation did: the version now active, the one it replaced, and every cost that changed."""
+
+    version: CostMatrixVersion
+    previous: int | None
+    changes: list[CostDifference]
+
+
+def activate_version(session: Session, *, ref: VersionRef, actor: Actor, reason: str | None = None,
+                     expected_active: int | None = None) -> Activation:
+    """Make a version the active one (any version, so a rollback is an activation too).
+
+    `expected_active`: the version the caller saw active; 409 `active-changed` if another is active now.
+    The audit entry and the answer list every pair whose effective cost changes, against the version
+    replaced, so that no cost changes without being shown: activating a version made on a newer parent
+    than the active one (after a rollback) shows what it brings back.
+    """
     version = get_version(session, ref)
     previous = active_version_id(session)
+    require_active("cost_matrix_version_id", expected=expected_active, actual=previous)
     if previous == version.id:
-        return version
+        return Activation(version, previous, [])
+    replaced = session.get(CostMatrixVersion, previous) if previous is not None else None
+    changes = (_differences(replaced, version) if replaced is not None else
+               _cost_differences({}, version.default_cost, version_costs(version), version.default_cost))
     move_active(session, "cost_matrix_version_id", previous=previous, new=version.id)
     session.flush()
     record_change(session, actor=actor, action="cost_matrix.activate", entity_type="cost_matrix",
                   entity_id=version.id, reason=reason,
-                  details={"from_version": previous, "to_version": version.id})
-    return version
+                  details={"from_version": previous, "to_version": version.id,
+                           "changes": [_change_detail(d) for d in changes]})
+    return Activation(version, previous, changes)
+
+
+def _change_detail(difference: CostDifference) -> dict[str, str | float]:
+    return {"true_ndc": difference.true_ndc, "predicted_ndc": difference.predicted_ndc,
+            "from": difference.from_cost, "to": difference.to_cost}
 
 
 def _current_parent(session: Session, parent_version: int | None) -> CostMatrixVersion | None:
@@ -217,6 +273,13 @@ def _current_parent(session: Session, parent_version: int | None) -> CostMatrixV
         raise InvalidInput(f"parent_version {parent_version} does not exist", slug="cost-matrix-not-found",
                            errors=[FieldError("parent_version", "no such version", "not_found")])
     if head is not None and head.id != parent.id:
+        if parent.id == active_version_id(session):
+            raise Conflict(f"parent_version {parent.id} is the active version but not the newest ({head.id} is, "
+                           "after a rollback by activation): edits build on the newest version. To continue from "
+                           f"the active costs, first make them the newest: POST .../{parent.id}/restore with "
+                           f"parent_version {head.id}; or edit version {head.id}, knowing its costs differ",
+                           slug="stale-parent", title="Stale parent version",
+                           extra={"parent_version": parent.id, "head_version": head.id, "active_version": parent.id})
         raise _stale(parent.id, head)
     return parent
 
@@ -230,7 +293,8 @@ def _stale(parent_id: int | None, head: CostMatrixVersion) -> Conflict:
 
 
 def _insert_version(session: Session, *, parent: CostMatrixVersion | None, costs: dict[Pair, float],
-                    default: float, reason: str, actor: Actor, action: str) -> CostMatrixVersion:
+                    default: float, reason: str, actor: Actor, action: str,
+                    details: dict[str, int] | None = None) -> CostMatrixVersion:
     parent_costs = version_costs(parent) if parent is not None else {}
     if parent is not None and costs == parent_costs and default == parent.default_cost:
         raise InvalidInput("the changes leave the matrix identical to its parent", slug="no-change",
@@ -259,12 +323,12 @@ def _insert_version(session: Session, *, parent: CostMatrixVersion | None, costs
             raise Conflict("parent_version null is stale: another first version committed first; re-read the "
                            "newest version", slug="stale-parent", title="Stale parent version",
                            extra={"parent_version": None})
-    changed = [{"true_ndc": t, "predicted_ndc": p, "from": parent_costs.get((t, p), default),
-                "to": costs.get((t, p), default)}
-               for t, p in sorted(set(parent_costs) | set(costs)) if parent_costs.get((t, p)) != costs.get((t, p))]
+    changed = [_change_detail(d) for d in _cost_differences(
+        parent_costs, parent.default_cost if parent is not None else default, costs, default)]
     record_change(session, actor=actor, action=action, entity_type="cost_matrix", entity_id=version.id, reason=reason,
                   details={"parent_version": version.parent_id, "changes": changed,
-                           "entries_sha256": version.entries_sha256})
+                           "entries_sha256": version.entries_sha256, "active_version": active_version_id(session),
+                           **(details or {})})
     return version
 
 

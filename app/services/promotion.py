@@ -25,7 +25,7 @@ from app.db import Database
 from app.errors import Conflict, FieldError, InvalidInput, NotFound
 from app.orm import ACTIVE_STATE_ID, ActiveState, Dataset, ModelPromotion, ModelVersion
 from app.services import evaluation
-from app.services.active_state import Pointer, move_active
+from app.services.active_state import Pointer, move_active, require_active
 from app.services.audit import Actor, record_change
 from app.services.cost_matrices import active_version_id, cost_matrix_of
 from app.services.model_registry import active_model_version, check_classes_in_catalog, checkpoint_path
@@ -248,10 +248,12 @@ def _get(session: Session, model_version_id: int) -> ModelVersion:
 
 
 def promote(session: Session, settings: Settings, *, model_version_id: int, actor: Actor,
-            reason: str | None, force: bool = False, ahead: AheadReport | None = None) -> ModelPromotion:
+            reason: str | None, force: bool = False, ahead: AheadReport | None = None,
+            expected_active: int | None = None) -> ModelPromotion:
     """Make a candidate active if it passes the gate (409 with every failed check), or with `force` + reason.
 
     `ahead`: the active model's report from `evaluate_ahead_of_promote`, used if still current.
+    `expected_active`: the version the caller saw active (409 `active-changed` if another is).
     """
     if force and not (reason and reason.strip()):
         raise InvalidInput("a forced promotion needs a reason (it is audited)",
@@ -261,6 +263,7 @@ def promote(session: Session, settings: Settings, *, model_version_id: int, acto
     require_checkpoint(settings, version)
     _lock_active(session)
     active = active_model_version(session)
+    require_active("model_version_id", expected=expected_active, actual=active.id if active else None)
     if active is not None and active.id == version.id:
         raise Conflict(f"model version {version.id} is already active", slug="model-already-active")
     gate = evaluate_gate(session, settings, candidate=version, active=active, ahead=ahead)
@@ -330,10 +333,15 @@ def require_checkpoint(settings: Settings, version: ModelVersion) -> None:
                        title="The model's checkpoint is missing") from None
 
 
-def rollback(session: Session, settings: Settings, *, actor: Actor, reason: str | None) -> ModelPromotion:
-    """Return to the version that was active before the latest promotion still in force (409 if none)."""
+def rollback(session: Session, settings: Settings, *, actor: Actor, reason: str | None,
+             expected_active: int | None = None) -> ModelPromotion:
+    """Return to the version that was active before the latest promotion still in force (409 if none).
+
+    `expected_active`: the version the caller means to roll back (409 `active-changed` if another is active).
+    """
     _lock_active(session)
     current_id = session.scalar(select(ActiveState.model_version_id).where(ActiveState.id == ACTIVE_STATE_ID))
+    require_active("model_version_id", expected=expected_active, actual=current_id)
     active, previous = rollback_target(session)
     if current_id is None or previous is None or active != current_id:
         raise Conflict("there is no earlier active model version to roll back to", slug="nothing-to-roll-back",

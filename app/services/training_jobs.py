@@ -114,6 +114,12 @@ def _cost_matrix_version(session: Session, requested: int | None) -> int:
     return version_id
 
 
+def live_job(session: Session, request_sha256: str) -> TrainingJob | None:
+    """The queued or running job made from an identical request, if any."""
+    return session.scalars(select(TrainingJob).where(TrainingJob.request_sha256 == request_sha256,
+                                                     TrainingJob.status.in_(LIVE_STATUSES))).first()
+
+
 def create_job(session: Session, *, request: JobRequest, actor: Actor,
                auto_promote_default: bool) -> tuple[TrainingJob, bool]:
     """Validate and store a job; returns (job, created). An identical live job is returned instead."""
@@ -152,8 +158,7 @@ def create_job(session: Session, *, request: JobRequest, actor: Actor,
         "dataset": {"id": dataset.id, "fingerprint": dataset.fingerprint}, "hyperparameters": hyperparameters,
         "seed": request.seed, "include_feedback": request.include_feedback, "feedback_through": feedback_through,
         "auto_promote": auto_promote})
-    existing = session.scalars(select(TrainingJob).where(TrainingJob.request_sha256 == digest,
-                                                         TrainingJob.status.in_(LIVE_STATUSES))).first()
+    existing = live_job(session, digest)
     if existing is not None:
         return existing, False
     job = TrainingJob(status="queued", method=request.method, dataset_id=dataset.id, dataset_name=dataset.name,
@@ -161,13 +166,18 @@ def create_job(session: Session, *, request: JobRequest, actor: Actor,
                       base_model_version_id=base.id, cost_matrix_version_id=cost_matrix_version,
                       hyperparameters=hyperparameters, seed=request.seed, auto_promote=auto_promote,
                       request_sha256=digest, progress={"phase": "queued"}, result={}, created_by=actor.name)
-    session.add(job)
     try:
-        session.flush()
+        with session.begin_nested():  # a savepoint: losing the race below must not end the transaction
+            session.add(job)
+            session.flush()
     except IntegrityError as error:
         if "request_sha256" not in str(error.orig):
             raise
         # The partial unique index: an identical request committed between our check and this insert.
+        # Answer it as the check above would have, with the job that won.
+        winner = live_job(session, digest)
+        if winner is not None:
+            return winner, False
         raise Conflict("an identical training job was created at the same moment; repeat the request to get it",
                        slug="duplicate-training-job", extra={"request_sha256": digest}) from error
     record_change(session, actor=actor, action="training_job.create", entity_type="training_job", entity_id=job.id,

@@ -49,6 +49,7 @@ def test_pharmacist_creates_diffs_exports_and_activates(any_env: ApiEnv) -> None
 
     activated = client.post(f"{BASE}/2/activate", json={"reason": "reviewed"}, headers=pharmacist)
     assert activated.status_code == 200 and activated.json()["active"]
+    assert activated.json()["previous_active"] == 1 and activated.json()["changes"] == diff["changes"]
     assert client.get(f"{BASE}/active", headers=pharmacist).json()["version"] == 2
     listing = client.get(BASE, headers=pharmacist)
     assert [(v["version"], v["active"], v["entry_count"]) for v in listing.json()] == [(2, True, 4), (1, False, 4)]
@@ -62,7 +63,9 @@ def test_pharmacist_creates_diffs_exports_and_activates(any_env: ApiEnv) -> None
     audit = client.get("/v1/admin/audit-log", headers=pharmacist).json()["items"]
     assert [e["action"] for e in audit[:2]] == ["cost_matrix.activate", "cost_matrix.create"]
     assert audit[0]["actor"] == "test pharmacist" and audit[0]["reason"] == "reviewed"
-    assert audit[0]["details"] == {"from_version": 1, "to_version": 2}
+    assert audit[0]["details"] == {"from_version": 1, "to_version": 2, "changes": [
+        {"true_ndc": FURO, "predicted_ndc": GLIP, "from": 1.0, "to": 7.5},
+        {"true_ndc": TRAZ, "predicted_ndc": GLIP, "from": 10.0, "to": 1.0}]}
     assert audit[1]["reason"] == "glipizide risk" and len(audit[1]["details"]["changes"]) == 2
 
 
@@ -80,7 +83,7 @@ def test_csv_import_replaces_the_whole_matrix(any_env: ApiEnv) -> None:
     same = client.post(f"{BASE}/import", params={"parent_version": 1, "reason": "same"}, content=exported,
                        headers=csv_headers)
     assert same.status_code == 422 and same.json()["type"].endswith("/no-change")
-    for bad_reason in ("\x00", "near miss\x1b[2J"):  # free text anywhere else refuses these too
+    for bad_reason in ("\x00", "near miss\x1b[2J", "   "):  # free text anywhere else refuses these too
         refused = client.post(f"{BASE}/import", params={"parent_version": 1, "reason": bad_reason}, content=exported,
                               headers=csv_headers)
         assert refused.status_code == 422 and refused.json()["errors"][0]["field"] == "query.reason", refused.text
@@ -123,6 +126,60 @@ def test_versions_can_be_rolled_back_by_activation(any_env: ApiEnv) -> None:
     assert again.status_code == 200 and again.json()["version"] == 1 and again.json()["active"]
     next_edit = client.post(BASE, json=edit(2, change(FURO, GLIP, 4)), headers=pharmacist)
     assert next_edit.status_code == 201 and next_edit.json()["parent_version"] == 2
+
+
+def test_after_a_rollback_no_cost_comes_back_unseen(any_env: ApiEnv) -> None:
+    """Version 2 lowers trazodone -> glipizide from 10 to 1 and is rolled back by activating 1. An edit must
+    build on the newest version (2), so it would carry the 1 forward: the answer to editing the active
+    version says how to restore it, restoring makes its costs the newest, and an activation that would
+    bring the 1 back lists it."""
+    client, pharmacist = any_env.client, any_env.as_role("pharmacist")
+    assert client.post(BASE, json=edit(1, change(TRAZ, GLIP, 1)), headers=pharmacist).status_code == 201
+    assert client.post(f"{BASE}/2/activate", headers=pharmacist).status_code == 200
+    rolled_back = client.post(f"{BASE}/1/activate", headers=pharmacist).json()
+    assert rolled_back["changes"] == [{"true_ndc": TRAZ, "predicted_ndc": GLIP, "from_cost": 1.0, "to_cost": 10.0}]
+
+    on_active = client.post(BASE, json=edit(1, change(FURO, GLIP, 6)), headers=pharmacist)
+    assert on_active.status_code == 409 and on_active.json()["active_version"] == 1
+    assert "/1/restore" in on_active.json()["detail"] and on_active.json()["head_version"] == 2
+
+    # Editing the newest version anyway: its activation shows the rolled-back cost coming back.
+    carried = client.post(BASE, json=edit(2, change(FURO, GLIP, 6)), headers=pharmacist).json()
+    shown = client.post(f"{BASE}/{carried['version']}/activate", headers=pharmacist).json()["changes"]
+    assert {"true_ndc": TRAZ, "predicted_ndc": GLIP, "from_cost": 10.0, "to_cost": 1.0} in shown
+    assert client.post(f"{BASE}/1/activate", headers=pharmacist).status_code == 200
+
+    stale = client.post(f"{BASE}/1/restore", json={"parent_version": 2, "reason": "back to the expert costs"},
+                        headers=pharmacist)
+    assert stale.status_code == 409 and stale.json()["type"].endswith("/stale-parent")
+    restored = client.post(f"{BASE}/1/restore", json={"parent_version": 3, "reason": "back to the expert costs"},
+                           headers=pharmacist)
+    assert restored.status_code == 201, restored.text
+    assert (restored.json()["version"], restored.json()["parent_version"], restored.json()["active"]) == (4, 3, False)
+    assert client.get(f"{BASE}/diff", params={"from": 1, "to": 4}, headers=pharmacist).json()["changes"] == []
+    following = client.post(BASE, json=edit(4, change(FURO, GLIP, 6)), headers=pharmacist).json()
+    assert {(e["true_ndc"], e["predicted_ndc"]): e["cost"] for e in following["entries"]}[(TRAZ, GLIP)] == 10.0
+    audit = client.get("/v1/admin/audit-log", params={"action": "cost_matrix.restore"}, headers=pharmacist).json()
+    assert audit["items"][0]["details"]["restored_from"] == 1 and audit["items"][0]["entity_id"] == "4"
+    same = client.post(f"{BASE}/5/restore", json={"parent_version": 5, "reason": "x"}, headers=pharmacist)
+    assert same.status_code == 422 and same.json()["type"].endswith("/no-change")
+    assert client.post(f"{BASE}/99/restore", json={"parent_version": 5, "reason": "x"},
+                       headers=pharmacist).status_code == 404
+
+
+def test_activation_can_require_the_version_the_pharmacist_saw(any_env: ApiEnv) -> None:
+    client, pharmacist = any_env.client, any_env.as_role("pharmacist")
+    for cost in (2, 3):
+        parent = client.get(BASE, headers=pharmacist).json()[0]["version"]
+        assert client.post(BASE, json=edit(parent, change(FURO, GLIP, cost)), headers=pharmacist).status_code == 201
+    # A sees 1 active and decides on 2; meanwhile B activates 3.
+    assert client.post(f"{BASE}/3/activate", json={"expected_active": 1}, headers=pharmacist).status_code == 200
+    late = client.post(f"{BASE}/2/activate", json={"expected_active": 1}, headers=pharmacist)
+    assert late.status_code == 409 and late.json()["type"].endswith("/active-changed")
+    assert (late.json()["expected_active"], late.json()["active"]) == (1, 3)
+    assert client.get(f"{BASE}/active", headers=pharmacist).json()["version"] == 3
+    bad = client.post(f"{BASE}/2/activate", json={"expected_active": "3"}, headers=pharmacist)
+    assert bad.status_code == 422
 
 
 def test_reading_unknown_or_bad_versions(any_env: ApiEnv) -> None:

@@ -226,6 +226,23 @@ def test_rollback_undoes_promotions_like_a_stack_and_history_is_append_only(regi
         database.dispose()
 
 
+def test_promote_and_rollback_can_require_the_version_the_admin_saw(registry: Registry) -> None:
+    """An admin decides against what they saw active; another admin's change since then makes it a 409."""
+    base = registry.seeded.base_model
+    first, second = registry.candidate(BETTER, tag="1"), registry.candidate(BETTER, tag="2")
+    assert registry.promote(first, {"expected_active": base}).status_code == 200
+    late = registry.promote(second, {"expected_active": base, "force": True, "reason": "seen on the old page"})
+    assert late.status_code == 409 and late.json()["type"].endswith("/active-changed"), late.text
+    assert (late.json()["expected_active"], late.json()["active"]) == (base, first)
+    stale_rollback = registry.client.post(f"{MODELS}/rollback", json={"expected_active": second},
+                                          headers=registry.headers())
+    assert stale_rollback.status_code == 409 and stale_rollback.json()["active"] == first
+    assert registry.active() == first
+    rolled = registry.client.post(f"{MODELS}/rollback", json={"expected_active": first}, headers=registry.headers())
+    assert rolled.status_code == 200 and rolled.json()["active_model_version"] == base
+    assert registry.promote(first, {"expected_active": "x"}).status_code == 422
+
+
 def test_models_list_and_detail_show_the_comparison_with_the_parent(registry: Registry) -> None:
     better = registry.candidate(BETTER)
     listed = registry.client.get(MODELS, headers=registry.headers("pharmacist")).json()

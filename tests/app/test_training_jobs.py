@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -214,3 +216,30 @@ def test_redacting_server_paths_keeps_the_rest_of_the_message() -> None:
     for kept in ("the soft time limit was reached 3 times", "lr 1/2, shape (3, 64) vs 1/8",
                  "see https://example.org/a/b"):
         assert redact_server_paths(kept) == kept
+
+
+def test_identical_requests_racing_past_the_check_all_get_the_one_job(jobs: JobEnv,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every request looks for a live identical job before any inserts; the partial unique index lets one
+    insert, and the others answer 200 with that job (as a retry after a timeout expects), not a 409."""
+    from app.services import training_jobs
+
+    racers = 4
+    all_checked = threading.Barrier(racers, timeout=30)
+    first_look = threading.local()
+    real_live_job = training_jobs.live_job
+
+    def look_then_wait(session: Any, digest: str) -> Any:
+        found = real_live_job(session, digest)
+        if not getattr(first_look, "done", False):
+            first_look.done = True
+            all_checked.wait()  # nobody inserts before everybody has looked
+        return found
+
+    monkeypatch.setattr(training_jobs, "live_job", look_then_wait)
+    with ThreadPoolExecutor(max_workers=racers) as pool:
+        answers = list(pool.map(lambda _: jobs.post({"dataset": "tiny", "hyperparameters": FAST, "seed": 11}),
+                                range(racers)))
+    assert sorted(a.status_code for a in answers) == [200] * (racers - 1) + [202], [a.text for a in answers]
+    assert len({a.json()["id"] for a in answers}) == 1
+    assert sum(a.json()["deduplicated"] for a in answers) == racers - 1
