@@ -42,7 +42,9 @@ class Settings(BaseSettings):
     # --- HTTP service -------------------------------------------------------------------------
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
-    max_request_body_bytes: int = Field(default=12 * 1024 * 1024, ge=1024, description="Any request body; 413 above.")
+    max_request_body_bytes: int = Field(default=12 * 1024 * 1024, ge=1024, description="The body of a verification (POST /v1/verifications: the photo and its form); 413 above.")
+    max_small_body_bytes: int = Field(default=2 * 1024 * 1024, ge=1024, description="The body of every other request (JSON, a cost-matrix CSV); 413 above. Their largest legitimate bodies, a cost-matrix edit of 10,000 changes, are about 1 MB; a larger limit only lets a key holder make the API parse and validate more.")
+    max_request_header_bytes: int = Field(default=64 * 1024, ge=4096, le=16 * 1024 * 1024, description="The request line and headers together; a longer one is refused with 400 before it is held in memory (uvicorn's h11 parser).")
     readiness_timeout_s: float = Field(default=2.0, gt=0, description="Per-dependency timeout of /readyz checks.")
 
     # --- logging ------------------------------------------------------------------------------

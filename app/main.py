@@ -68,7 +68,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             database.dispose()
             logger.info("rxverify API stopped")
 
-    app = FastAPI(title="rxverify", version=_version(), description=API_DESCRIPTION, lifespan=lifespan)
+    # No redirect from `/path/` to `/path`: it was an empty 307 (not a problem), answered before the key
+    # check, whose Location was built from the request's own Host header.
+    app = FastAPI(title="rxverify", version=_version(), description=API_DESCRIPTION, lifespan=lifespan,
+                  redirect_slashes=False)
     app.state.settings = settings
     app.state.db = database
     app.state.db_probe = DatabaseProbe(  # /readyz's database check, bounded by RXVERIFY_READINESS_TIMEOUT_S
@@ -79,7 +82,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.verifications_in_flight = 0  # app.services.serving.admitted
     install_problem_handlers(app)
     install_openapi(app)  # errors documented as application/problem+json, as they are sent
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes,
+                       max_small_bytes=settings.max_small_body_bytes, large_paths=frozenset({verifications.UPLOAD_PATH}))
     app.add_middleware(ObservabilityMiddleware)  # added last = outermost: it sees every answer
     for router in (health.router, products.router, cost_matrices.router, api_keys.router, audit.router,
                    verifications.router, training_jobs.router, models.router):

@@ -90,19 +90,28 @@ def _route_template(scope: Scope) -> str:
 
 
 class BodySizeLimitMiddleware:
-    """Refuses request bodies above `max_bytes` with 413, by Content-Length up front or while streaming."""
+    """Refuses request bodies above the limit with 413, by Content-Length up front or while streaming.
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+    Uploads (`large_paths`, POST) may send `max_bytes`; every other request `max_small_bytes`: a JSON body
+    is parsed and validated whole, so its size bounds that work (and the number of validation errors).
+    """
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int, max_small_bytes: int | None = None,
+                 large_paths: frozenset[str] = frozenset()) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.max_small_bytes = max_bytes if max_small_bytes is None else min(max_small_bytes, max_bytes)
+        self.large_paths = large_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        large = scope["method"] == "POST" and scope.get("path") in self.large_paths
+        limit = self.max_bytes if large else self.max_small_bytes
         declared = Headers(scope=scope).get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(scope, receive, send)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self._refuse(scope, receive, send, limit)
             return
         received = 0
         started = False
@@ -112,9 +121,9 @@ class BodySizeLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
+                if received > limit:
                     # An HTTPException, so FastAPI's body parsing passes it on to the problem handler.
-                    raise PayloadTooLarge(self.max_bytes)
+                    raise PayloadTooLarge(limit)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -128,10 +137,10 @@ class BodySizeLimitMiddleware:
         except PayloadTooLarge:
             if started:
                 raise
-            await self._refuse(scope, receive, send)
+            await self._refuse(scope, receive, send, limit)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
         response = problem_response(status=413, slug="payload-too-large", title="Payload too large",
-                                    detail=f"The request body exceeds the limit of {self.max_bytes} bytes.",
+                                    detail=f"The request body exceeds the limit of {limit} bytes.",
                                     instance=scope.get("path"), headers={"Connection": "close"})
         await response(scope, receive, send)

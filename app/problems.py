@@ -25,6 +25,7 @@ PROBLEM_BASE = "https://rxverify.dev/problems/"
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 DATABASE_UNAVAILABLE = "database-unavailable"  # the slug of every database error's 503
 CLIENT_CLOSED_REQUEST = 499  # the status recorded (metrics, access log) when the client left mid-request
+MAX_REPORTED_ERRORS = 20  # a problem lists at most this many field errors, and `error_count` says how many there were
 _HTTP_SLUGS = {400: "bad-request", 404: "not-found", 405: "method-not-allowed", 406: "not-acceptable",
                413: "payload-too-large", 415: "unsupported-media-type", 429: "too-many-requests"}
 
@@ -47,7 +48,11 @@ def problem_response(*, status: int, slug: str, detail: str, title: str | None =
     if instance:
         body["instance"] = instance
     if errors:
-        body["errors"] = list(errors)
+        # Bounded: one body of many bad fields (a million unknown keys) must not become a response of
+        # tens of megabytes built on the event loop.
+        body["errors"] = list(errors[:MAX_REPORTED_ERRORS])
+        if len(errors) > MAX_REPORTED_ERRORS:
+            body["error_count"] = len(errors)
     request_id = current_request_id()
     if request_id:
         body["request_id"] = request_id
@@ -100,18 +105,21 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
                                 detail=f"The request body is not valid JSON: {reason}",
                                 instance=request.url.path)
     media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if media_type and not _is_json(media_type) and any(tuple(e.get("loc", ()))[:1] == ("body",) for e in raw):
-        # FastAPI reads a body it cannot parse as JSON as bytes and reports "not a valid dictionary";
-        # the real mistake is the media type.
+    # FastAPI reads a body it does not take for JSON (another media type, or none) as bytes and reports
+    # "not a valid dictionary"; the real mistake is the media type. (A missing body is a plain 422.)
+    body_sent = any(tuple(e.get("loc", ()))[:1] == ("body",) and e.get("type") != "missing" for e in raw)
+    if not _is_json(media_type) and body_sent:
+        said = f"the request says {media_type[:100]}" if media_type else "the request has no Content-Type"
         return problem_response(status=415, slug="unsupported-media-type", title="Unsupported media type",
-                                detail=f"This endpoint takes application/json; the request says {media_type[:100]}",
+                                detail=f"This endpoint takes application/json; {said}",
                                 instance=request.url.path)
     errors = [{"field": field_pointer(e.get("loc", ())), "message": str(e.get("msg", "invalid")),
-               "code": str(e.get("type", "invalid"))} for e in raw]
+               "code": str(e.get("type", "invalid"))} for e in raw[:MAX_REPORTED_ERRORS]]
     summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:3])
-    more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+    more = f" (and {len(raw) - 3} more)" if len(raw) > 3 else ""
     return problem_response(status=422, slug="validation-error", title="Request validation failed",
-                            detail=f"{summary}{more}", instance=request.url.path, errors=errors)
+                            detail=f"{summary}{more}", instance=request.url.path, errors=errors,
+                            extra={"error_count": len(raw)} if len(raw) > MAX_REPORTED_ERRORS else None)
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -125,6 +133,11 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         detail = f"Method {request.method} is not allowed on {request.url.path}"
     elif status == 400 and detail == "There was an error parsing the body":
         slug = "malformed-body"
+        cause = exc.__cause__  # FastAPI raises this from the parser's own error, which says what was wrong
+        if isinstance(cause, UnicodeDecodeError):
+            detail = f"The request body is not UTF-8 text: {cause.reason} at byte {cause.start}"
+        elif isinstance(cause, ValueError):
+            detail = f"The request body could not be parsed: {str(cause)[:200]}"
     return problem_response(status=status, slug=slug, detail=detail, instance=request.url.path,
                             headers=dict(exc.headers) if exc.headers else None)
 

@@ -22,7 +22,7 @@ router = APIRouter(tags=["health"])
 _CHECKS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="readyz")
 
 
-@router.get("/healthz", response_model=Liveness)
+@router.api_route("/healthz", methods=["GET", "HEAD"], response_model=Liveness)  # HEAD: load-balancer probes
 async def healthz() -> Liveness:
     """Liveness: the process answers. It checks nothing else and runs on the event loop, not in the request
     threadpool, so a slow database (every pool thread waiting on it) never fails it."""
@@ -38,7 +38,7 @@ def model_loaded(request: Request) -> bool:
         return False
 
 
-@router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
+@router.api_route("/readyz", methods=["GET", "HEAD"], response_model=Readiness, responses={503: {"model": Readiness}})
 async def readyz(request: Request) -> JSONResponse:
     """Readiness: the database reachable at this code's schema revision and a model loaded; 503 with the
     same body otherwise. The broker is reported but not required: verifications do not use it, and a

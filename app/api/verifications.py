@@ -41,7 +41,8 @@ from app.services import verification_log as log
 from app.services import verifications as service
 from models.decision import CONFORMAL_GUARANTEE
 
-router = APIRouter(route_class=KeyFirstRoute, prefix="/v1/verifications", tags=["verifications"])
+UPLOAD_PATH = "/v1/verifications"  # POST: the one route whose body may be as large as max_request_body_bytes
+router = APIRouter(route_class=KeyFirstRoute, prefix=UPLOAD_PATH, tags=["verifications"])
 T = TypeVar("T")
 
 VERIFICATION_SECONDS = Histogram(

@@ -258,7 +258,8 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     try:
         naive_server = support.start_server(
             [support.python(), "-m", "uvicorn", "app.commands.bench_naive:create_naive_app", "--factory", "--host",
-             "127.0.0.1", "--port", str(naive_port), "--workers", "1", "--log-level", "warning", "--no-access-log"],
+             "127.0.0.1", "--port", str(naive_port), "--workers", "1", "--log-level", "warning", "--no-access-log",
+             "--http", "h11"],  # the parser `rxverify serve` runs
             env=naive_env, log_path=work / "naive.log", port=naive_port)
         rounds = Rounds(bodies=bodies, headers={"X-API-Key": token}, per_round=per_round)
         low, top = min(config.concurrency), max(config.concurrency)

@@ -73,8 +73,11 @@ def run_api(settings: Settings, *, host: str, port: int, worker: bool | None) ->
         supervisor = WorkerSupervisor(embedded_worker_command(parent_pid=os.getpid()))
         supervisor.start()
     try:
+        # h11 rather than httptools: httptools puts no bound on a header's size (a 200 MB header was held
+        # in memory and answered), h11 refuses more than `max_request_header_bytes` of request line and
+        # headers with a 400.
         uvicorn.run("app.main:create_app", factory=True, host=host, port=port, log_config=None, access_log=False,
-                    proxy_headers=True)
+                    proxy_headers=True, http="h11", h11_max_incomplete_event_size=settings.max_request_header_bytes)
     finally:
         if supervisor is not None:
             supervisor.stop()

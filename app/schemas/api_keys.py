@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from app.orm import Role
 from app.schemas.common import ReadModel, RequestModel
@@ -15,6 +15,15 @@ class ApiKeyCreate(RequestModel):
 
     name: str = Field(min_length=1, max_length=200)
     role: Role
+
+    @field_validator("name")
+    @classmethod
+    def _not_an_operator_name(cls, name: str) -> str:
+        # Audit entries and key listings name the server's operator `cli:<command>` (app.services.audit.
+        # Actor.cli); a key named so would pass for the operator wherever only the name is shown.
+        if name.lower().startswith("cli:"):
+            raise ValueError("names starting with 'cli:' are reserved for the server's command line")
+        return name
 
 
 class ApiKeyRevoke(RequestModel):

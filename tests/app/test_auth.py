@@ -148,6 +148,9 @@ def test_admin_key_api_creates_lists_and_revokes(env: ApiEnv) -> None:
     assert env.client.post("/v1/admin/api-keys/999/revoke", headers=admin).status_code == 404
     bad_role = env.client.post("/v1/admin/api-keys", json={"name": "x", "role": "root"}, headers=admin)
     assert bad_role.status_code == 422 and bad_role.json()["errors"][0]["field"] == "role"
+    for operator_name in ("cli:apikey create (root)", " CLI:up"):  # would pass for the server's operator
+        impostor = env.client.post("/v1/admin/api-keys", json={"name": operator_name, "role": "admin"}, headers=admin)
+        assert impostor.status_code == 422 and impostor.json()["errors"][0]["field"] == "name", impostor.text
     actions = [e["action"] for e in env.client.get("/v1/admin/audit-log", headers=admin).json()["items"]]
     assert actions[:2] == ["api_key.revoke", "api_key.create"]
 

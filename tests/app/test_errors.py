@@ -86,6 +86,62 @@ def test_streamed_body_over_the_limit_is_413(sqlite_settings: Settings, make_cli
     assert count_rows(settings, CostMatrixVersion) == 0
 
 
+def test_a_json_body_is_held_to_the_small_limit_and_its_errors_are_bounded(env: ApiEnv, make_client: Any) -> None:
+    """One pharmacist request of a million unknown keys made a 92 MB answer and stalled the API for
+    seconds: JSON routes take max_small_body_bytes, and a problem lists at most 20 field errors."""
+    pharmacist = env.as_role("pharmacist")
+    many = {"parent_version": 1, "reason": "x", "changes": [], **{f"k{i}": 1 for i in range(500)}}
+    body = _problem(env.client.post("/v1/admin/cost-matrices", json=many, headers=pharmacist), 422, "validation-error")
+    assert len(body["errors"]) == 20 and body["error_count"] == 501 and "(and 498 more)" in body["detail"]
+    few = _problem(env.client.post("/v1/admin/cost-matrices", json={"parent_version": 1, "reason": "x"},
+                                   headers=pharmacist), 422, "validation-error")
+    assert "error_count" not in few
+
+    small = env.settings.model_copy(update={"max_small_body_bytes": 4096})
+    client = make_client(small)
+    padded = {"parent_version": 1, "reason": "x" * 1500, "changes": [change(FURO, GLIP, 2)] * 40}
+    refused = _problem(client.post("/v1/admin/cost-matrices", json=padded, headers=pharmacist), 413,
+                       "payload-too-large")
+    assert "4096 bytes" in refused["detail"]
+    # The photo upload keeps the large limit: its body is refused for what it is, not for its size.
+    photo = client.post("/v1/verifications", files={"image": ("a.jpg", b"x" * 6000, "image/jpeg")},
+                        data={"prescribed_ndc": FURO}, headers=env.as_role("client"))
+    assert photo.status_code != 413, photo.text
+
+
+def test_bodies_that_cannot_be_read_say_why(env: ApiEnv) -> None:
+    pharmacist = env.as_role("pharmacist")
+    unlabelled = env.client.post("/v1/admin/cost-matrices", content=b'{"parent_version": 1}',
+                                 headers={**pharmacist, "Content-Type": ""})
+    assert "no Content-Type" in _problem(unlabelled, 415, "unsupported-media-type")["detail"]
+    json_headers = {**pharmacist, "Content-Type": "application/json"}
+    latin1 = env.client.post("/v1/admin/cost-matrices", content='{"reason": "caf\u00e9"}'.encode("latin-1"),
+                             headers=json_headers)
+    assert "not UTF-8" in _problem(latin1, 400, "malformed-body")["detail"]
+    huge_number = env.client.post("/v1/admin/cost-matrices", content=b'{"parent_version": ' + b"9" * 5000 + b"}",
+                                  headers=json_headers)
+    assert "digits" in _problem(huge_number, 400, "malformed-body")["detail"]
+
+
+def test_a_trailing_slash_is_404_not_a_redirect(env: ApiEnv) -> None:
+    response = env.client.get("/v1/products/", headers={"Host": "evil.example"}, follow_redirects=False)
+    _problem(response, 404, "not-found")
+    assert "location" not in response.headers
+
+
+def test_the_http_server_bounds_request_headers(sqlite_settings: Settings, monkeypatch: Any) -> None:
+    """httptools held a 200 MB header in memory and answered it; `rxverify serve` runs h11 with a bound."""
+    import uvicorn
+
+    from app.commands.runtime import run_api
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: seen.update(kwargs))
+    run_api(sqlite_settings.model_copy(update={"max_request_header_bytes": 32768}), host="127.0.0.1", port=1,
+            worker=False)
+    assert seen["http"] == "h11" and seen["h11_max_incomplete_event_size"] == 32768
+
+
 def _client_with_a_route_that_raises(settings: Settings, make_client: Any, path: str, error: Exception) -> Any:
     """A client of the real app plus one GET `path` whose handler raises `error`."""
     app = create_app(settings)

@@ -18,6 +18,7 @@ from tests.conftest import ApiEnv
 def test_healthz(env: ApiEnv) -> None:
     response = env.client.get("/healthz")
     assert response.status_code == 200 and response.json() == {"status": "ok"}
+    assert env.client.head("/healthz").status_code == 200  # load balancers that probe with HEAD
 
 
 def test_readyz_embedded_mode_waits_for_a_model(env: ApiEnv) -> None:
@@ -28,6 +29,7 @@ def test_readyz_embedded_mode_waits_for_a_model(env: ApiEnv) -> None:
     env.client.app.state.model_ready = lambda: True  # the inference engine's hook
     ready = env.client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["ready"] is True and ready.json()["model_loaded"] is True
+    assert env.client.head("/readyz").status_code == 200
 
 
 def test_a_failing_model_hook_means_not_loaded(env: ApiEnv) -> None:
