@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, BackgroundTasks, Query, Request, Response
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.api.deps import AdminActor, KeyFirstRoute, PharmacistActor, SessionDep, SettingsDep
@@ -32,8 +32,11 @@ router = APIRouter(route_class=KeyFirstRoute, prefix="/v1/admin/models", tags=["
 
 
 def _jobs_by_version(session: Session, ids: list[int]) -> dict[int, int]:
-    rows = session.execute(select(TrainingJob.result_model_version_id, TrainingJob.id)
-                           .where(TrainingJob.result_model_version_id.in_(ids)).order_by(TrainingJob.id.desc()))
+    """Each version's producing job: the first one, when later jobs produced identical weights (the same
+    version, found by its SHA-256)."""
+    rows = session.execute(select(TrainingJob.result_model_version_id, func.min(TrainingJob.id))
+                           .where(TrainingJob.result_model_version_id.in_(ids))
+                           .group_by(TrainingJob.result_model_version_id))
     return {version_id: job_id for version_id, job_id in rows if version_id is not None}
 
 
