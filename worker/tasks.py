@@ -21,7 +21,7 @@ from typing import Any
 
 from celery import Task
 from celery.exceptions import Reject, Retry, SoftTimeLimitExceeded
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from app.config import Settings
@@ -137,6 +137,8 @@ class JobTask(Task):  # type: ignore[misc]
                 registration.end_cancelled(self.database, lease, hooks=hooks, workdir=workdir,
                                            epochs=outcome.fit.epochs_completed)
                 return {"job_id": job_id, "status": "cancelled"}
+            if hooks.stop_reason == "worker-shutdown":
+                return self._handed_back(job_id, lease=lease, progress=hooks.progress)
             progressed = (hooks.progress.get("checkpoint_epoch") or 0) > hooks.start_epoch
             return self._time_limited(job_id, lease=lease, progress=hooks.progress, progressed=progressed)
         result = registration.register_and_finish(database=self.database, settings=self.settings, spec=spec,
@@ -162,6 +164,17 @@ class JobTask(Task):  # type: ignore[misc]
                                                        "soft time limit"})
         logger.warning("training job %s reached the soft time limit; retrying from its checkpoint", job_id)
         return self._retry(job_id, countdown=1, max_retries=MAX_TIME_LIMIT_RETRIES)
+
+    def _handed_back(self, job_id: int, *, lease: leases.Lease, progress: dict[str, Any]) -> dict[str, Any]:
+        """The worker is shutting down: the job goes back to queued (its last epoch checkpoint kept) and its
+        message to the broker, for the next worker. Not a failure and not a lost worker: nothing is counted
+        against the job, however often its workers are stopped."""
+        leases.release(self.database, lease, progress={**progress, "phase": "requeued",
+                                                       "requeued_because": "worker shutdown"})
+        logger.warning("training job %s: this worker is shutting down; the job is requeued and resumes from its "
+                       "last epoch checkpoint (epoch %s) on the next worker", job_id,
+                       progress.get("checkpoint_epoch") or 0)
+        return self._retry(job_id, countdown=1, max_retries=None)
 
     def _database_error(self, job_id: int, *, lease: leases.Lease, error: OperationalError) -> dict[str, Any]:
         """The database went away or stayed locked mid-attempt: requeue from the epoch checkpoint, which is kept.
@@ -298,6 +311,18 @@ def _start_alive_file(sender: Any = None, **_kwargs: Any) -> None:
                              "health check will report this worker as not alive", path)
             return
         _alive_file = alive
+
+
+@worker_shutting_down.connect
+def _hand_back_running_jobs(**_kwargs: Any) -> None:
+    """Warm or cold, a shutdown stops every job of this process at its next step (worker.training.
+    WORKER_SHUTTING_DOWN), which hands it back: before, a job trained on until the supervisor's (or the
+    container's) grace period ran out and killed the worker, and each such kill counted as a lost worker,
+    so three stops of `make run` during one job failed it as if it ran out of memory. Runs in the signal
+    handler: it only sets an event."""
+    from worker.training import WORKER_SHUTTING_DOWN
+
+    WORKER_SHUTTING_DOWN.set()
 
 
 @worker_shutdown.connect

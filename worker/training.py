@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -264,6 +265,11 @@ class EpochValidator:
                 "wer": report["wer"], "total_cost": report["total_cost"]}
 
 
+# Set when this worker process begins to shut down (Celery's worker_shutting_down: SIGTERM from a supervisor
+# or `docker stop`, Ctrl-C): every attempt in the process stops at its next step and hands its job back.
+WORKER_SHUTTING_DOWN = threading.Event()
+
+
 @dataclass
 class Hooks:
     """run_training's callbacks for one attempt: progress to the DB, cooperative stop, epoch checkpoints."""
@@ -318,11 +324,13 @@ class Hooks:
             self.write()
 
     def should_stop(self) -> bool:
-        """True once the job is cancelled, its lease lost, or the soft time limit reached."""
+        """True once the job is cancelled, its lease lost, the soft time limit reached, or the worker stopping."""
         if self.stop_reason is None:
             now = time.monotonic()
             if self.heartbeat.lost.is_set():
                 self.stop_reason = "lease-lost"
+            elif WORKER_SHUTTING_DOWN.is_set():
+                self.stop_reason = "worker-shutdown"
             elif now >= self.deadline:
                 self.stop_reason = "time-limit"
             elif now - self._last_poll >= CANCEL_POLL_S:

@@ -22,7 +22,8 @@ router = APIRouter(tags=["health"])
 _CHECKS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="readyz")
 
 
-@router.api_route("/healthz", methods=["GET", "HEAD"], response_model=Liveness)  # HEAD: load-balancer probes
+@router.get("/healthz", response_model=Liveness)
+@router.head("/healthz", include_in_schema=False)  # load balancers that probe with HEAD
 async def healthz() -> Liveness:
     """Liveness: the process answers. It checks nothing else and runs on the event loop, not in the request
     threadpool, so a slow database (every pool thread waiting on it) never fails it."""
@@ -38,7 +39,8 @@ def model_loaded(request: Request) -> bool:
         return False
 
 
-@router.api_route("/readyz", methods=["GET", "HEAD"], response_model=Readiness, responses={503: {"model": Readiness}})
+@router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
+@router.head("/readyz", include_in_schema=False)
 async def readyz(request: Request) -> JSONResponse:
     """Readiness: the database reachable at this code's schema revision and a model loaded; 503 with the
     same body otherwise. The broker is reported but not required: verifications do not use it, and a

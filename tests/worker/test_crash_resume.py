@@ -58,3 +58,31 @@ def test_sigkill_mid_job_then_restart_resumes_from_the_checkpoint(fleet: Fleet, 
     assert job["result"]["epochs_completed"] == HYPER["epochs"]
     assert "lost its worker (lease expired); requeued" in second_log.read_text()
     assert job["result"]["weights_sha256"] == _uninterrupted_sha256(fleet, job_id, tmp_path / "reference")
+
+
+def test_sigterm_mid_job_hands_it_back_and_the_next_worker_finishes_it(fleet: Fleet, workers: Workers,
+                                                                       tmp_path: Path) -> None:
+    """What Ctrl-C of `make run` or `docker stop` does to a worker: a warm shutdown. The attempt stops at its
+    next step and requeues the job at once (before, it trained on until it was killed, and each kill
+    counted as a lost worker); the worker exits; the next worker resumes from the checkpoint."""
+    epochs = 40
+    job_id = fleet.start_job(method="baseline", hyperparameters={"epochs": epochs, "batch_size": 4})
+    env = worker_env(fleet.settings)
+    first = workers.start(env, tmp_path / "worker-1.log")
+    wait_for(lambda: (fleet.row(job_id)["progress"] or {}).get("checkpoint_epoch", 0) >= 1, timeout=120,
+             interval=0.05, what="an epoch checkpoint")
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=30) == 0
+    handed_back = fleet.row(job_id)  # the row: the API's progress shows only the documented fields
+    assert handed_back["status"] == "queued", handed_back
+    assert handed_back["progress"]["requeued_because"] == "worker shutdown"
+    assert 1 <= handed_back["progress"]["checkpoint_epoch"] < epochs
+    assert "is shutting down; the job is requeued" in (tmp_path / "worker-1.log").read_text()
+
+    second_log = tmp_path / "worker-2.log"
+    workers.start(env, second_log)
+    wait_ready(second_log)
+    job = fleet.wait_status(job_id, "succeeded", timeout=150)
+    assert job["attempts"] == 2 and not job["progress"].get("worker_losses")
+    assert job["progress"]["resumed_from_epoch"] == handed_back["progress"]["checkpoint_epoch"]
+    assert job["result"]["epochs_completed"] == epochs

@@ -581,3 +581,44 @@ def test_the_reaper_and_the_job_threads_share_one_database_per_process(
         assert child is not parent and task.database is child
     finally:
         parent.dispose()
+
+
+def test_a_worker_shutting_down_hands_its_job_back_without_counting_a_loss(
+        tmp_path: Path, assets_root: Path, task_settings: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C of `make run` (SIGTERM to the local worker) during a job: the attempt stops at its next step,
+    the job goes back to queued with its message resent, and the next attempt resumes from the checkpoint.
+    Before, training went on until the worker was killed, and three such stops failed the job."""
+    from worker import tasks
+
+    settings, _seeded = seeded_sqlite_settings(assets_root, tiny_assets(assets_root / "tiny-assets"),
+                                               tmp_path / "data", torch_threads=1, training_lease_s=30)
+    job_id = _job(settings, JobRequest(method="baseline", dataset="tiny",
+                                       hyperparameters={"epochs": 3, "batch_size": 4}))
+    handed_back: list[dict[str, Any]] = []
+    real_on_epoch_end, real_release = training.Hooks.on_epoch_end, leases.release
+
+    def shut_down_after_the_first_epoch(self: training.Hooks, state: Any) -> None:
+        real_on_epoch_end(self, state)
+        if not handed_back:
+            tasks._hand_back_running_jobs(sig="SIGTERM", how="Warm")  # what Celery's signal handler sends
+
+    def release(database: Database, lease: leases.Lease, *, progress: dict[str, Any]) -> None:
+        handed_back.append(progress)
+        training.WORKER_SHUTTING_DOWN.clear()  # the next attempt runs in a worker that is not stopping
+        real_release(database, lease, progress=progress)
+
+    monkeypatch.setattr(training.Hooks, "on_epoch_end", shut_down_after_the_first_epoch)
+    monkeypatch.setattr(leases, "release", release)
+    app = create_celery_app(settings.model_copy(update={"result_backend": "cache+memory://"}))
+    task = app.task(bind=True, base=JobTask, name=RUN_JOB)(run_training_job)
+    JobTask._database = None
+    try:
+        result = task.apply(args=[job_id]).get()  # the resent message runs at once, in this process
+    finally:
+        training.WORKER_SHUTTING_DOWN.clear()
+    row = job_row(settings, job_id)
+    assert result["status"] == "succeeded" and row["status"] == "succeeded", row
+    assert len(handed_back) == 1 and handed_back[0]["requeued_because"] == "worker shutdown"
+    assert handed_back[0]["checkpoint_epoch"] == 1  # stopped at the first step of epoch 2
+    assert row["attempts"] == 2 and not row["progress"].get("worker_losses")
+    assert row["progress"]["resumed_from_epoch"] == 1 and row["result"]["epochs_completed"] == 3
