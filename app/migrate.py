@@ -8,6 +8,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 
 from app.config import Settings
 from app.db import create_db_engine
@@ -24,10 +25,26 @@ def alembic_config(settings: Settings) -> Config:
     return config
 
 
+class UnknownRevision(RuntimeError):
+    """The database is at a revision this code's migrations do not have: made by a newer rxverify."""
+
+
 def upgrade(settings: Settings, revision: str = "head") -> None:
-    """Upgrade the database of `settings` to `revision`."""
+    """Upgrade the database of `settings` to `revision` (UnknownRevision if it is at one this code lacks)."""
+    current = current_revision(settings)
+    if current is not None and not _known(current):
+        raise UnknownRevision(f"the database is at revision {current}, which this code's migrations do not have "
+                              f"(its newest is {head_revision()}): it was migrated by a newer rxverify. Run that "
+                              "version, or restore a backup taken before its upgrade")
     logger.info("migrating database up", extra={"revision": revision})
     command.upgrade(alembic_config(settings), revision)
+
+
+def _known(revision: str) -> bool:
+    try:
+        return ScriptDirectory(str(MIGRATIONS_DIR)).get_revision(revision) is not None
+    except CommandError:  # "Can't locate revision"
+        return False
 
 
 def downgrade(settings: Settings, revision: str = "base") -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import sys
 from typing import Any
 
 from app.config import get_settings, redacted_url
@@ -59,10 +60,14 @@ def migrate_command(args: argparse.Namespace) -> int:
 
     settings = get_settings()
     configure_logging(settings)
-    if args.downgrade:
-        migrate.downgrade(settings, args.downgrade)
-    else:
-        migrate.upgrade(settings, args.revision)
+    try:
+        if args.downgrade:
+            migrate.downgrade(settings, args.downgrade)
+        else:
+            migrate.upgrade(settings, args.revision)
+    except migrate.UnknownRevision as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(f"database {redacted_url(settings.database_url)} is at revision {migrate.current_revision(settings)}")
     return 0
 

@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from app.config import get_settings
+from app.config import Settings, get_settings, redacted_url
 from app.db import Database
 from app.log import configure_logging
 
@@ -41,6 +41,26 @@ def _actor() -> Any:
     return Actor.cli(f"data import-pmi ({user})")
 
 
+def _not_set_up(settings: Settings) -> str | None:
+    """Why this data dir cannot take a dataset yet (no schema, an old one, an empty catalog), or None."""
+    from app import migrate
+    from app.services.products import catalog_keys
+
+    current, head = migrate.current_revision(settings), migrate.head_revision()
+    if current != head:
+        return (f"the database {redacted_url(settings.database_url)} is at revision {current or 'none (empty)'}, "
+                f"not {head}: run `rxverify migrate` and `rxverify catalog seed-pmi` first (or `make run` once)")
+    database = Database(settings)
+    try:
+        with database.session() as session:
+            if not catalog_keys(session):
+                return ("the catalog is empty, so no class folder can be checked against it: run `rxverify catalog "
+                        "seed-pmi` first (or `make run` once), or add your products")
+    finally:
+        database.dispose()
+    return None
+
+
 def import_pmi_command(args: argparse.Namespace) -> int:
     """Scan, report and register; exit 2 (nothing registered) when the folder cannot be used."""
     from app.errors import DomainError
@@ -50,6 +70,9 @@ def import_pmi_command(args: argparse.Namespace) -> int:
     settings = get_settings()
     configure_logging(settings)
     settings.ensure_dirs()
+    if (unready := _not_set_up(settings)) is not None:
+        print(f"error: {unready}", file=sys.stderr)
+        return 2
     database = Database(settings)
     try:
         with database.session() as session:

@@ -56,7 +56,8 @@ def up_command(args: argparse.Namespace) -> int:
     if (problem := port_problem(host, port)) is not None:  # before minutes of first-run work, not after
         print(f"error: cannot serve on {host}:{port}: {problem}", file=sys.stderr)
         return 2
-    migrate_command(argparse.Namespace(downgrade=None, revision="head"))
+    if migrate_command(argparse.Namespace(downgrade=None, revision="head")) != 0:
+        return 2  # it said why (a database from a newer rxverify)
     seed_pmi_command(argparse.Namespace())
     database = Database(settings)
     try:

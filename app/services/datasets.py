@@ -1,9 +1,11 @@
 """Datasets: PMI-layout image folders checked against the catalog and registered for training jobs.
 
 `import_pmi` scans `PATH/{train,valid,test}/<NDC>/*`, refuses class folders that are not catalog products,
-skips (and reports) files that are not usable images, and materialises the usable ones under
-`data_dir/datasets/<name>` (hard links where the filesystem allows, copies otherwise). Training reads
-that copy, so the registered dataset cannot change under a job and its fingerprint stays true.
+skips (and reports) files that are not usable images (each is decoded whole, so a cut-off JPEG is found
+here, not by a training job), and copies the usable ones under `data_dir/datasets/<name>`. Training
+reads that copy, so the registered dataset cannot change under a job and its fingerprint stays true.
+Copies, not hard links: a link shares the source's file, and a source photo rewritten in place (an
+editor's "save") changed the registered dataset under its fingerprint.
 """
 
 from __future__ import annotations
@@ -65,14 +67,20 @@ class DatasetScan:
 
 
 def _check_image(path: Path) -> str | None:
-    """None when the file is a readable JPEG/PNG/WebP image; otherwise the reason to skip it."""
+    """None when the file is a whole, readable JPEG/PNG/WebP image; otherwise the reason to skip it.
+
+    Decoded to the end (a JPEG at 1/8 scale, which still reads every byte of it): a file cut off in
+    transfer has a valid header, and failed the training job that read it instead of being skipped here.
+    """
     try:
         with Image.open(path) as image:
             if image.format not in ACCEPTED_FORMATS:
                 return f"image format {image.format} is not one of {', '.join(ACCEPTED_FORMATS)}"
             if image.width < 1 or image.height < 1:
                 return "image has no pixels"
-    except (UnidentifiedImageError, OSError, ValueError) as error:
+            image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
+            image.load()
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
         return f"not a readable image ({type(error).__name__}: {error})"
     return None
 
@@ -185,7 +193,7 @@ def _materialise(scan: DatasetScan, target: Path) -> None:
                 folder = staging / split / ndc
                 folder.mkdir(parents=True, exist_ok=True)
                 for path in paths:
-                    link_or_copy(path, folder / path.name)
+                    shutil.copyfile(path, folder / path.name)
         if target.exists():
             # A folder without a registered row is debris of an import that rolled back.
             shutil.rmtree(target)
