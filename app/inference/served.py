@@ -125,6 +125,10 @@ class Prediction:
         familiarity = self.served.familiarity
         if familiarity is None or self.stage_scores is None or rate <= 0:
             return None
+        if not np.isfinite(familiarity.thresholds(rate)).any():
+            # Too few validation photos for this rate: no photo can be flagged, so none was checked (a 0.0
+            # here read as "familiar" for pure noise).
+            return None
         value = float(familiarity.unfamiliarity(self.stage_scores[None, :], rate)[0])
         return value if value <= _UNFAMILIARITY_CAP else _UNFAMILIARITY_CAP  # JSON has no inf or NaN
 

@@ -342,6 +342,12 @@ def test_a_photo_unlike_the_training_photos_goes_to_review_and_the_check_can_be_
     off = make_client(served_settings(template, tmp_path / "off", checkpoint=checkpoint, unfamiliar_photo_rate=0))
     unchecked = post_verification(off, keys[Role.CLIENT], image=image_bytes("PNG")).json()
     assert (unchecked["verdict"], unchecked["unfamiliarity"]) == ("match", None)
+    # A rate too small for the validation photos the check was fitted on: nothing can be flagged, and the
+    # verdict says the photo was not checked (null), not that it looked familiar (it said 0.0).
+    tiny_rate = make_client(served_settings(template, tmp_path / "tiny-rate", checkpoint=checkpoint,
+                                            unfamiliar_photo_rate=0.0001))
+    unflaggable = post_verification(tiny_rate, keys[Role.CLIENT], image=image_bytes("PNG")).json()
+    assert (unflaggable["verdict"], unflaggable["unfamiliarity"]) == ("match", None)
 
 
 def test_a_familiarity_file_for_other_weights_is_refused_at_registration_and_skipped_when_serving(
