@@ -65,6 +65,7 @@ def test_sigterm_mid_job_hands_it_back_and_the_next_worker_finishes_it(fleet: Fl
     """What Ctrl-C of `make run` or `docker stop` does to a worker: a warm shutdown. The attempt stops at its
     next step and requeues the job at once (before, it trained on until it was killed, and each kill
     counted as a lost worker); the worker exits; the next worker resumes from the checkpoint."""
+    workers.stop_all()  # the module's earlier workers would take the job too (the fixture is per module)
     epochs = 40
     job_id = fleet.start_job(method="baseline", hyperparameters={"epochs": epochs, "batch_size": 4})
     env = worker_env(fleet.settings)
