@@ -37,8 +37,12 @@ def problem_type(slug: str) -> str:
 
 def problem_response(*, status: int, slug: str, detail: str, title: str | None = None,
                      instance: str | None = None, errors: Sequence[dict[str, Any]] | None = None,
-                     extra: dict[str, Any] | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
-    """Build a problem+json response; the request id is included so operators can find the log line."""
+                     extra: dict[str, Any] | None = None, headers: dict[str, str] | None = None,
+                     error_count: int | None = None) -> JSONResponse:
+    """Build a problem+json response; the request id is included so operators can find the log line.
+
+    `error_count`: how many errors there were in all, when `errors` holds only the first of them.
+    """
     body: dict[str, Any] = {
         "type": problem_type(slug),
         "title": title or HTTPStatus(status).phrase,
@@ -51,8 +55,9 @@ def problem_response(*, status: int, slug: str, detail: str, title: str | None =
         # Bounded: one body of many bad fields (a million unknown keys) must not become a response of
         # tens of megabytes built on the event loop.
         body["errors"] = list(errors[:MAX_REPORTED_ERRORS])
-        if len(errors) > MAX_REPORTED_ERRORS:
-            body["error_count"] = len(errors)
+        total = max(len(errors), error_count or 0)
+        if total > MAX_REPORTED_ERRORS:
+            body["error_count"] = total
     request_id = current_request_id()
     if request_id:
         body["request_id"] = request_id
@@ -119,7 +124,7 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     more = f" (and {len(raw) - 3} more)" if len(raw) > 3 else ""
     return problem_response(status=422, slug="validation-error", title="Request validation failed",
                             detail=f"{summary}{more}", instance=request.url.path, errors=errors,
-                            extra={"error_count": len(raw)} if len(raw) > MAX_REPORTED_ERRORS else None)
+                            error_count=len(raw))
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:

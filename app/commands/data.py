@@ -41,43 +41,38 @@ def _actor() -> Any:
     return Actor.cli(f"data import-pmi ({user})")
 
 
-def _not_set_up(settings: Settings) -> str | None:
-    """Why this data dir cannot take a dataset yet (no schema, an old one, an empty catalog), or None."""
+def _schema_not_current(settings: Settings) -> str | None:
+    """Why this data dir's database cannot take a dataset yet (no schema, or an old one), or None."""
     from app import migrate
-    from app.services.products import catalog_keys
 
     current, head = migrate.current_revision(settings), migrate.head_revision()
     if current != head:
         return (f"the database {redacted_url(settings.database_url)} is at revision {current or 'none (empty)'}, "
                 f"not {head}: run `rxverify migrate` and `rxverify catalog seed-pmi` first (or `make run` once)")
-    database = Database(settings)
-    try:
-        with database.session() as session:
-            if not catalog_keys(session):
-                return ("the catalog is empty, so no class folder can be checked against it: run `rxverify catalog "
-                        "seed-pmi` first (or `make run` once), or add your products")
-    finally:
-        database.dispose()
     return None
 
 
 def import_pmi_command(args: argparse.Namespace) -> int:
     """Scan, report and register; exit 2 (nothing registered) when the folder cannot be used."""
-    from app.errors import DomainError
+    from app.errors import DomainError, InvalidInput
     from app.services.datasets import import_pmi
     from app.services.products import catalog_keys
 
     settings = get_settings()
     configure_logging(settings)
     settings.ensure_dirs()
-    if (unready := _not_set_up(settings)) is not None:
+    if (unready := _schema_not_current(settings)) is not None:
         print(f"error: {unready}", file=sys.stderr)
         return 2
     database = Database(settings)
     try:
         with database.session() as session:
+            catalog = catalog_keys(session)
+            if not catalog:
+                raise InvalidInput("the catalog is empty, so no class folder can be checked against it: run "
+                                   "`rxverify catalog seed-pmi` first (or `make run` once), or add your products")
             dataset, scan = import_pmi(session, source=args.path, name=args.name, datasets_dir=settings.datasets_dir,
-                                       catalog=catalog_keys(session), actor=_actor())
+                                       catalog=catalog, actor=_actor())
             summary = (dataset.id, dataset.path, dataset.fingerprint)
     except DomainError as error:
         print(f"error: {error.detail}", file=sys.stderr)
